@@ -1,0 +1,993 @@
+//! OpenAI chat completions: the request as it arrives (lenient: unknown fields ignored), its
+//! validation into a typed [`ChatRequest`] (strict: every known field honoured or refused), and
+//! the response and chunk shapes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// A validated chat completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// The requested model name, as the client sent it.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Completion token limit (`max_completion_tokens` wins over `max_tokens`).
+    pub max_tokens: Option<u32>,
+    /// 0–2, default 1.
+    pub temperature: f32,
+    /// 0–1, default 1.
+    pub top_p: f32,
+    /// Choices, 1–128.
+    pub n: u32,
+    /// Stream as server-sent events.
+    pub stream: bool,
+    /// Send a usage chunk at the end of the stream.
+    pub include_usage: bool,
+    /// Up to 4 stop strings.
+    pub stop: Vec<String>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<u64>,
+    /// −2–2.
+    pub presence_penalty: f32,
+    /// −2–2.
+    pub frequency_penalty: f32,
+    /// Token id → bias (−100–100).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End-user identifier.
+    pub user: Option<String>,
+    /// Up to 16 string pairs.
+    pub metadata: BTreeMap<String, String>,
+    /// vLLM extension: keep the k most likely tokens (0: off).
+    pub top_k: u32,
+    /// vLLM extension: relative probability floor (0: off).
+    pub min_p: f32,
+    /// vLLM extension: repetition penalty (1: off).
+    pub repetition_penalty: f32,
+    /// vLLM extension: never stop on the end-of-turn token.
+    pub ignore_eos: bool,
+    /// Reasoning effort; models without a thinking mode accept it with no effect.
+    pub reasoning_effort: Option<ReasoningEffort>,
+}
+
+/// `reasoning_effort` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningEffort {
+    /// No thinking.
+    None,
+    /// Minimal.
+    Minimal,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+}
+
+/// Message roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// System instructions.
+    System,
+    /// Developer instructions (rendered as system where a template lacks the role).
+    Developer,
+    /// The user.
+    User,
+    /// The model.
+    Assistant,
+    /// A tool result.
+    Tool,
+}
+
+/// One message of the conversation, with its content flattened to text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Message {
+    /// Who speaks.
+    pub role: Role,
+    /// The text (text parts joined); `None` for an assistant turn that only calls tools.
+    pub content: Option<String>,
+    /// Optional participant name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An assistant's tool calls, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The call a tool message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// The body as it arrives; unknown fields are ignored. Fields whose shape needs a precise
+/// error path are kept as raw JSON and checked by hand.
+#[derive(Debug, Deserialize)]
+struct RawRequest {
+    model: Option<String>,
+    messages: Option<Vec<Value>>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    n: Option<i64>,
+    stream: Option<bool>,
+    stream_options: Option<RawStreamOptions>,
+    stop: Option<Value>,
+    seed: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<BTreeMap<String, f64>>,
+    user: Option<String>,
+    metadata: Option<BTreeMap<String, Value>>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    ignore_eos: Option<bool>,
+    reasoning_effort: Option<String>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    store: Option<bool>,
+    modalities: Option<Vec<String>>,
+    audio: Option<Value>,
+    prediction: Option<Value>,
+    web_search_options: Option<Value>,
+    service_tier: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawStreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Parses and validates a request body.
+pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::malformed(
+            format!("We could not parse the JSON body of your request: {e}. The body must be a JSON object."),
+            None,
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::malformed(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    let raw: RawRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::malformed(
+            format!("Invalid type for '{path}': {}", e.inner()),
+            Some(path),
+        )
+    })?;
+    validate(raw)
+}
+
+fn unsupported(param: &str, what: &str) -> ApiError {
+    ApiError::Unsupported {
+        message: format!("'{param}' {what} is not supported by this server yet."),
+        param: param.to_owned(),
+    }
+}
+
+fn range_f(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default as f32),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x as f32),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("Invalid value for '{param}': {x} is not between {lo} and {hi}."),
+        )),
+    }
+}
+
+fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
+    let model = match raw.model {
+        Some(m) if !m.trim().is_empty() => m,
+        _ => {
+            return Err(ApiError::malformed(
+                "Missing required parameter: 'model'.",
+                Some("model".into()),
+            ))
+        }
+    };
+    let raw_messages = raw.messages.ok_or_else(|| {
+        ApiError::malformed(
+            "Missing required parameter: 'messages'.",
+            Some("messages".into()),
+        )
+    })?;
+    if raw_messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+        ));
+    }
+    let messages = raw_messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let limit = |param: &str, v: Option<i64>| -> Result<Option<u32>, ApiError> {
+        match v {
+            None => Ok(None),
+            Some(x) if x >= 1 && x <= i64::from(u32::MAX) => Ok(Some(x as u32)),
+            Some(x) => Err(ApiError::invalid(
+                param,
+                format!("Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {x} instead."),
+            )),
+        }
+    };
+    let max_completion = limit("max_completion_tokens", raw.max_completion_tokens)?;
+    let max_tokens = limit("max_tokens", raw.max_tokens)?;
+    let n = match raw.n {
+        None => 1,
+        Some(x) if (1..=128).contains(&x) => x as u32,
+        Some(x) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("Invalid value for 'n': {x} is not between 1 and 128."),
+            ))
+        }
+    };
+    let stream = raw.stream.unwrap_or(false);
+    if raw.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    let include_usage = raw
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let stop = parse_stop(raw.stop)?;
+    let logit_bias = raw
+        .logit_bias
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("Invalid key in 'logit_bias': '{k}' is not a token id."),
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("Invalid value in 'logit_bias' for token {id}: {v} is not between -100 and 100."),
+                ));
+            }
+            Ok((id, v as f32))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(u) = &raw.user {
+        if u.chars().count() > 512 {
+            return Err(ApiError::invalid(
+                "user",
+                "Invalid 'user': string too long. Expected a string with maximum length 512.",
+            ));
+        }
+    }
+    let metadata = parse_metadata(raw.metadata)?;
+    let top_k = match raw.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 && k <= i64::from(u32::MAX) => k as u32,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("Invalid value for 'top_k': {k}. Expected -1, 0 (off) or a positive integer."),
+            ))
+        }
+    };
+    let repetition_penalty = match raw.repetition_penalty {
+        None => 1.0,
+        Some(p) if p.is_finite() && p > 0.0 && p <= 10.0 => p as f32,
+        Some(p) => {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                format!("Invalid value for 'repetition_penalty': {p}. Expected a value in (0, 10]."),
+            ))
+        }
+    };
+    let reasoning_effort = match raw.reasoning_effort.as_deref() {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<ReasoningEffort>(Value::String(s.to_owned())).map_err(
+                |_| {
+                    ApiError::invalid(
+                        "reasoning_effort",
+                        format!("Invalid value for 'reasoning_effort': '{s}'. Supported values are: 'none', 'minimal', 'low', 'medium' and 'high'."),
+                    )
+                },
+            )?,
+        ),
+    };
+
+    // Known fields this server does not honour yet are refused, never silently dropped.
+    if raw.top_logprobs.is_some() && raw.logprobs != Some(true) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "'top_logprobs' is only allowed when 'logprobs' is true.",
+        ));
+    }
+    if raw.logprobs == Some(true) {
+        return Err(unsupported("logprobs", "(token log probabilities)"));
+    }
+    if let Some(tools) = &raw.tools {
+        if tools.is_empty() {
+            return Err(ApiError::invalid(
+                "tools",
+                "Invalid 'tools': empty array. Expected an array with minimum length 1, or omit the parameter.",
+            ));
+        }
+        return Err(unsupported("tools", "(tool calling)"));
+    }
+    if raw.tool_choice.is_some() {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "'tool_choice' is only allowed when 'tools' are specified.",
+        ));
+    }
+    let _ = raw.parallel_tool_calls;
+    if raw.functions.is_some() {
+        return Err(unsupported("functions", "(legacy function calling)"));
+    }
+    if raw.function_call.is_some() {
+        return Err(unsupported("function_call", "(legacy function calling)"));
+    }
+    if let Some(rf) = &raw.response_format {
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") | Some("json_schema") => {
+                return Err(unsupported("response_format", "(structured output)"))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    "Invalid 'response_format.type': expected one of 'text', 'json_object', 'json_schema'.",
+                ))
+            }
+        }
+    }
+    if raw.store == Some(true) {
+        return Err(unsupported("store", "(stored completions)"));
+    }
+    if let Some(m) = &raw.modalities {
+        if m.iter().any(|x| x != "text") {
+            return Err(unsupported("modalities", "(only 'text' output)"));
+        }
+    }
+    if raw.audio.is_some() {
+        return Err(unsupported("audio", "(audio output)"));
+    }
+    if raw.prediction.is_some() {
+        return Err(unsupported("prediction", "(predicted outputs)"));
+    }
+    if raw.web_search_options.is_some() {
+        return Err(unsupported("web_search_options", "(web search)"));
+    }
+    if let Some(t) = raw.service_tier.as_deref() {
+        if !matches!(t, "auto" | "default") {
+            return Err(ApiError::invalid(
+                "service_tier",
+                format!("Invalid value for 'service_tier': '{t}'. This server offers 'auto' and 'default'."),
+            ));
+        }
+    }
+
+    Ok(ChatRequest {
+        model,
+        messages,
+        max_tokens: max_completion.or(max_tokens),
+        temperature: range_f("temperature", raw.temperature, 0.0, 2.0, 1.0)?,
+        top_p: range_f("top_p", raw.top_p, 0.0, 1.0, 1.0)?,
+        n,
+        stream,
+        include_usage,
+        stop,
+        seed: raw.seed.map(|s| s as u64),
+        presence_penalty: range_f("presence_penalty", raw.presence_penalty, -2.0, 2.0, 0.0)?,
+        frequency_penalty: range_f("frequency_penalty", raw.frequency_penalty, -2.0, 2.0, 0.0)?,
+        logit_bias,
+        user: raw.user,
+        metadata,
+        top_k,
+        min_p: range_f("min_p", raw.min_p, 0.0, 1.0, 0.0)?,
+        repetition_penalty,
+        ignore_eos: raw.ignore_eos.unwrap_or(false),
+        reasoning_effort,
+    })
+}
+
+fn parse_stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) => {
+            if items.len() > 4 {
+                return Err(ApiError::invalid(
+                    "stop",
+                    format!("Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length {} instead.", items.len()),
+                ));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| match x {
+                    Value::String(s) => Ok(s),
+                    _ => Err(ApiError::malformed(
+                        format!("Invalid type for 'stop[{i}]': expected a string."),
+                        Some(format!("stop[{i}]")),
+                    )),
+                })
+                .collect()
+        }
+        Some(_) => Err(ApiError::malformed(
+            "Invalid type for 'stop': expected a string, an array of strings, or null.",
+            Some("stop".into()),
+        )),
+    }
+}
+
+fn parse_metadata(v: Option<BTreeMap<String, Value>>) -> Result<BTreeMap<String, String>, ApiError> {
+    let Some(map) = v else {
+        return Ok(BTreeMap::new());
+    };
+    if map.len() > 16 {
+        return Err(ApiError::invalid(
+            "metadata",
+            "Invalid 'metadata': too many properties. Expected an object with at most 16 properties.",
+        ));
+    }
+    map.into_iter()
+        .map(|(k, v)| {
+            if k.chars().count() > 64 {
+                return Err(ApiError::invalid(
+                    "metadata",
+                    format!("Invalid 'metadata': key '{k}' is longer than 64 characters."),
+                ));
+            }
+            match v {
+                Value::String(s) if s.chars().count() <= 512 => Ok((k, s)),
+                Value::String(_) => Err(ApiError::invalid(
+                    format!("metadata.{k}"),
+                    format!("Invalid 'metadata.{k}': string longer than 512 characters."),
+                )),
+                _ => Err(ApiError::malformed(
+                    format!("Invalid type for 'metadata.{k}': expected a string."),
+                    Some(format!("metadata.{k}")),
+                )),
+            }
+        })
+        .collect()
+}
+
+fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let obj = m.as_object().ok_or_else(|| {
+        ApiError::malformed(
+            format!("Invalid type for 'messages[{i}]': expected an object."),
+            Some(format!("messages[{i}]")),
+        )
+    })?;
+    let role = match obj.get("role").and_then(Value::as_str) {
+        Some("system") => Role::System,
+        Some("developer") => Role::Developer,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some("tool") => Role::Tool,
+        Some("function") => {
+            return Err(unsupported(&at("role"), "'function' (legacy function calling)"))
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                at("role"),
+                format!("Invalid value for '{}': '{other}'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'.", at("role")),
+            ))
+        }
+        None => {
+            return Err(ApiError::malformed(
+                format!("Missing required parameter: '{}'.", at("role")),
+                Some(at("role")),
+            ))
+        }
+    };
+    let content = match obj.get("content") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str);
+                let allowed = match role {
+                    Role::Assistant => matches!(kind, Some("text") | Some("refusal")),
+                    _ => kind == Some("text"),
+                };
+                let p = format!("messages[{i}].content[{j}].type");
+                match kind {
+                    None => {
+                        return Err(ApiError::malformed(
+                            format!("Missing required parameter: '{p}'."),
+                            Some(p),
+                        ))
+                    }
+                    Some(k) if !allowed => {
+                        return Err(ApiError::Unsupported {
+                            message: format!("Invalid value for '{p}': content parts of type '{k}' are not supported by this server for role '{}'.", role_name(role)),
+                            param: p,
+                        })
+                    }
+                    Some(k) => {
+                        let field = if k == "refusal" { "refusal" } else { "text" };
+                        let t = part.get(field).and_then(Value::as_str).ok_or_else(|| {
+                            let p = format!("messages[{i}].content[{j}].{field}");
+                            ApiError::malformed(
+                                format!("Missing required parameter: '{p}'."),
+                                Some(p),
+                            )
+                        })?;
+                        text.push_str(t);
+                    }
+                }
+            }
+            Some(text)
+        }
+        Some(_) => {
+            return Err(ApiError::malformed(
+                format!("Invalid type for '{}': expected a string or an array of content parts.", at("content")),
+                Some(at("content")),
+            ))
+        }
+    };
+    let tool_calls = obj.get("tool_calls").filter(|v| !v.is_null()).cloned();
+    if tool_calls.is_some() && role != Role::Assistant {
+        return Err(ApiError::invalid(
+            at("tool_calls"),
+            "Only assistant messages may carry 'tool_calls'.",
+        ));
+    }
+    if let Some(tc) = &tool_calls {
+        if !tc.is_array() {
+            return Err(ApiError::malformed(
+                format!("Invalid type for '{}': expected an array.", at("tool_calls")),
+                Some(at("tool_calls")),
+            ));
+        }
+    }
+    if content.is_none() && !(role == Role::Assistant && tool_calls.is_some()) {
+        return Err(ApiError::malformed(
+            format!("Missing required parameter: '{}'.", at("content")),
+            Some(at("content")),
+        ));
+    }
+    let tool_call_id = obj
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if role == Role::Tool && tool_call_id.is_none() {
+        return Err(ApiError::malformed(
+            format!("Missing required parameter: '{}'.", at("tool_call_id")),
+            Some(at("tool_call_id")),
+        ));
+    }
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::malformed(
+                format!("Invalid type for '{}': expected a string.", at("name")),
+                Some(at("name")),
+            ))
+        }
+    };
+    Ok(Message {
+        role,
+        content,
+        name,
+        tool_calls,
+        tool_call_id,
+    })
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::System => "system",
+        Role::Developer => "developer",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+/// Why a choice ended, on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// Natural end or stop string.
+    Stop,
+    /// Token limit or context length.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// Content was filtered.
+    ContentFilter,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    /// Templated prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens over all choices.
+    pub completion_tokens: u32,
+    /// The sum.
+    pub total_tokens: u32,
+    /// Prompt details.
+    pub prompt_tokens_details: PromptTokensDetails,
+    /// Completion details.
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+impl Usage {
+    /// Usage from the three counts.
+    pub fn new(prompt_tokens: u32, cached_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens,
+                audio_tokens: 0,
+            },
+            completion_tokens_details: CompletionTokensDetails::default(),
+        }
+    }
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens reused from a cache.
+    pub cached_tokens: u32,
+    /// Always 0 here.
+    pub audio_tokens: u32,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct CompletionTokensDetails {
+    /// Tokens spent thinking.
+    pub reasoning_tokens: u32,
+    /// Always 0 here.
+    pub audio_tokens: u32,
+    /// Always 0 here.
+    pub accepted_prediction_tokens: u32,
+    /// Always 0 here.
+    pub rejected_prediction_tokens: u32,
+}
+
+/// A complete (non-streamed) response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model name as requested.
+    pub model: String,
+    /// The choices, by index.
+    pub choices: Vec<Choice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// Identifies the model file and build.
+    pub system_fingerprint: String,
+    /// The tier that served the request.
+    pub service_tier: &'static str,
+}
+
+/// One choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    /// 0..n−1.
+    pub index: u32,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// Token log probabilities, or null.
+    pub logprobs: Option<Value>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The text.
+    pub content: Option<String>,
+    /// A refusal, or null.
+    pub refusal: Option<String>,
+}
+
+/// One streamed chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same for every chunk of the stream.
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Same for every chunk.
+    pub created: u64,
+    /// Same for every chunk.
+    pub model: String,
+    /// Identifies the model file and build.
+    pub system_fingerprint: String,
+    /// The tier that served the request.
+    pub service_tier: &'static str,
+    /// Choice deltas; empty in the usage chunk.
+    pub choices: Vec<ChunkChoice>,
+    /// Present only when usage was asked for: null on every chunk but the last.
+    #[serde(skip_serializing_if = "UsageField::is_absent")]
+    pub usage: UsageField,
+}
+
+/// The `usage` field of a chunk: absent, null, or set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageField {
+    /// Not asked for: the field does not appear.
+    Absent,
+    /// Asked for, not yet known: `null`.
+    Null,
+    /// The final counts.
+    Set(Usage),
+}
+
+impl UsageField {
+    fn is_absent(&self) -> bool {
+        matches!(self, UsageField::Absent)
+    }
+}
+
+impl Serialize for UsageField {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UsageField::Absent | UsageField::Null => s.serialize_none(),
+            UsageField::Set(u) => u.serialize(s),
+        }
+    }
+}
+
+/// A choice in a chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkChoice {
+    /// Which choice.
+    pub index: u32,
+    /// What is new.
+    pub delta: Delta,
+    /// Token log probabilities, or null.
+    pub logprobs: Option<Value>,
+    /// Set on the choice's last chunk only.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What a chunk adds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// `assistant` on the first chunk of each choice only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ChatRequest, ApiError> {
+        parse_chat_request(v.to_string().as_bytes())
+    }
+
+    fn base() -> Value {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut b = base();
+        b[field] = value;
+        b
+    }
+
+    fn err(v: Value) -> ApiError {
+        match parse(v) {
+            Err(e) => e,
+            Ok(r) => ApiError::malformed(format!("unexpectedly valid: {r:?}"), None),
+        }
+    }
+
+    #[test]
+    fn defaults_are_openais() {
+        let r = parse(base()).map_err(|e| e.to_string());
+        let r = r.as_ref().map(|r| (r.temperature, r.top_p, r.n, r.stream, r.max_tokens));
+        assert_eq!(r, Ok((1.0, 1.0, 1, false, None)));
+    }
+
+    #[test]
+    fn max_completion_tokens_wins() {
+        let mut b = base();
+        b["max_tokens"] = json!(10);
+        b["max_completion_tokens"] = json!(5);
+        assert_eq!(parse(b).ok().and_then(|r| r.max_tokens), Some(5));
+        assert_eq!(parse(with("max_tokens", json!(7))).ok().and_then(|r| r.max_tokens), Some(7));
+    }
+
+    #[test]
+    fn stop_forms() {
+        assert_eq!(parse(with("stop", json!("x"))).ok().map(|r| r.stop), Some(vec!["x".into()]));
+        assert_eq!(parse(with("stop", Value::Null)).ok().map(|r| r.stop), Some(vec![]));
+        let e = err(with("stop", json!(["a", "b", "c", "d", "e"])));
+        assert_eq!(e.param().as_deref(), Some("stop"));
+        assert_eq!(e.status(Default::default()), 400);
+        assert_eq!(err(with("stop", json!(3))).param().as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn ranges_refused_with_param() {
+        for (f, v) in [
+            ("temperature", json!(2.5)),
+            ("top_p", json!(-0.1)),
+            ("n", json!(0)),
+            ("n", json!(129)),
+            ("presence_penalty", json!(3)),
+            ("frequency_penalty", json!(-3)),
+            ("max_tokens", json!(0)),
+            ("min_p", json!(1.5)),
+            ("repetition_penalty", json!(0)),
+            ("top_k", json!(-2)),
+            ("reasoning_effort", json!("extreme")),
+        ] {
+            let e = err(with(f, v));
+            assert_eq!(e.param().as_deref(), Some(f), "{f}");
+            assert_eq!(e.code(), Some("invalid_value"), "{f}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_path() {
+        let e = err(with("temperature", json!("hot")));
+        assert_eq!(e.param().as_deref(), Some("temperature"));
+        let e = err(json!({"model": "m", "messages": [{"role": "user", "content": 5}]}));
+        assert_eq!(e.param().as_deref(), Some("messages[0].content"));
+        let e = err(json!({"model": 1, "messages": []}));
+        assert_eq!(e.param().as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn malformed_json_is_400_without_param() {
+        let e = parse_chat_request(b"{not json").err();
+        assert_eq!(e.as_ref().map(|e| e.status(Default::default())), Some(400));
+        assert_eq!(e.and_then(|e| e.param()), None);
+        assert!(parse_chat_request(b"[1]").is_err());
+    }
+
+    #[test]
+    fn logit_bias_validated() {
+        assert_eq!(
+            parse(with("logit_bias", json!({"42": -100}))).ok().map(|r| r.logit_bias),
+            Some(vec![(42, -100.0)])
+        );
+        assert_eq!(err(with("logit_bias", json!({"x": 1}))).param().as_deref(), Some("logit_bias"));
+        assert_eq!(err(with("logit_bias", json!({"1": 101}))).param().as_deref(), Some("logit_bias"));
+    }
+
+    #[test]
+    fn stream_options_require_stream() {
+        let e = err(with("stream_options", json!({"include_usage": true})));
+        assert_eq!(e.param().as_deref(), Some("stream_options"));
+        let mut b = with("stream", json!(true));
+        b["stream_options"] = json!({"include_usage": true});
+        assert_eq!(parse(b).ok().map(|r| r.include_usage), Some(true));
+    }
+
+    #[test]
+    fn content_parts() {
+        let r = parse(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}));
+        assert_eq!(r.ok().and_then(|r| r.messages[0].content.clone()), Some("ab".into()));
+        let e = err(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}));
+        assert_eq!(e.param().as_deref(), Some("messages[0].content[1].type"));
+        assert_eq!(e.status(Default::default()), 400);
+    }
+
+    #[test]
+    fn unknown_fields_ignored_known_unhonoured_refused() {
+        assert!(parse(with("some_future_field", json!({"a": 1}))).is_ok());
+        assert_eq!(err(with("tools", json!([]))).param().as_deref(), Some("tools"));
+        assert_eq!(err(with("tool_choice", json!("auto"))).param().as_deref(), Some("tool_choice"));
+        assert_eq!(err(with("top_logprobs", json!(2))).param().as_deref(), Some("top_logprobs"));
+        assert_eq!(err(with("store", json!(true))).code(), Some("unsupported_parameter"));
+        assert!(parse(with("store", json!(false))).is_ok());
+        assert!(parse(with("reasoning_effort", json!("low"))).is_ok());
+    }
+
+    #[test]
+    fn roles_checked() {
+        let e = err(json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}));
+        assert_eq!(e.param().as_deref(), Some("messages[0].role"));
+        let e = err(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}));
+        assert_eq!(e.param().as_deref(), Some("messages[0].tool_call_id"));
+        assert!(parse(json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c", "content": "1"}]})).is_ok());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert_eq!(err(with("metadata", Value::Object(many))).param().as_deref(), Some("metadata"));
+        assert!(parse(with("metadata", json!({"a": "b"}))).is_ok());
+        assert_eq!(err(with("metadata", json!({"a": 1}))).param().as_deref(), Some("metadata.a"));
+    }
+
+    #[test]
+    fn chunk_usage_field_absent_null_or_set() {
+        let mk = |usage| ChatCompletionChunk {
+            id: "x".into(),
+            object: "chat.completion.chunk",
+            created: 0,
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+            service_tier: "default",
+            choices: vec![],
+            usage,
+        };
+        let v = serde_json::to_value(mk(UsageField::Absent)).unwrap_or_default();
+        assert!(v.get("usage").is_none());
+        let v = serde_json::to_value(mk(UsageField::Null)).unwrap_or_default();
+        assert_eq!(v.get("usage"), Some(&Value::Null));
+        let v = serde_json::to_value(mk(UsageField::Set(Usage::new(3, 1, 2)))).unwrap_or_default();
+        assert_eq!(v["usage"]["total_tokens"], json!(5));
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], json!(1));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// No body, however mangled, makes the parser panic; every failure is a 4xx.
+            #[test]
+            fn never_panics(s in "\\PC{0,200}") {
+                if let Err(e) = parse_chat_request(s.as_bytes()) {
+                    prop_assert!((400..500).contains(&e.status(Default::default())));
+                }
+            }
+
+            /// Any temperature in range is accepted as given; any outside is refused on its param.
+            #[test]
+            fn temperature_range(t in -10.0f64..10.0) {
+                let r = parse(with("temperature", json!(t)));
+                if (0.0..=2.0).contains(&t) {
+                    prop_assert_eq!(r.ok().map(|r| r.temperature), Some(t as f32));
+                } else {
+                    prop_assert_eq!(r.err().and_then(|e| e.param()), Some("temperature".to_string()));
+                }
+            }
+        }
+    }
+}

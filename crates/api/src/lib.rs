@@ -1,0 +1,9 @@
+//! Wire types and their validation: OpenAI chat completions, models and errors. No IO, no
+//! async, no knowledge of HTTP servers, databases or models.
+
+pub mod chat;
+pub mod error;
+pub mod models;
+
+pub use chat::{parse_chat_request, ChatRequest, FinishReason, Message, Role, Usage};
+pub use error::{ApiError, StatusConvention};

@@ -1,0 +1,296 @@
+//! Local inference over GGUF models: load a model, render its chat template, tokenize, and run
+//! generations with continuous batching on a thread of its own.
+//!
+//! The engine knows nothing of HTTP, tenants or money. Submit a [`Generation`] and read
+//! [`Event`]s from the returned [`GenerationStream`]; dropping the stream cancels the generation
+//! and frees its sequences at the next forward step.
+
+mod model;
+mod sampling;
+mod scheduler;
+mod template;
+mod text;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use sampling::SamplingParams;
+pub use template::{ChatTemplate, TemplateError};
+pub use text::{StopMatcher, StopOutcome, Utf8Decoder};
+
+use model::LoadedModel;
+
+/// How an engine sizes its context and schedules its work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Sequences (choices) decoded together in one forward step, at most.
+    pub max_sequences: u32,
+    /// KV-cache cells shared by all sequences (tokens of context held at once, in total).
+    pub kv_cache_tokens: u32,
+    /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
+    /// context, capped by `kv_cache_tokens`.
+    pub context_length: Option<u32>,
+    /// Tokens processed in one forward step, prompt chunks and decode tokens together.
+    pub batch_size: u32,
+    /// CPU threads for the forward pass; `None`: the available cores.
+    pub threads: Option<u32>,
+    /// Requests that may wait for a sequence before new ones are refused.
+    pub max_queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_sequences: 16,
+            kv_cache_tokens: 8192,
+            context_length: None,
+            batch_size: 512,
+            threads: None,
+            max_queue: 256,
+        }
+    }
+}
+
+/// What a loaded model is.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Longest context (prompt plus completion) one request may use.
+    pub context_length: u32,
+    /// The context length the model was trained with.
+    pub train_context_length: u32,
+    /// Tokens in the vocabulary.
+    pub vocab_size: u32,
+    /// Stable for a given model file, build and engine configuration: `fp_` and 10 hex digits.
+    pub fingerprint: String,
+    /// Sequences decoded together, at most.
+    pub max_sequences: u32,
+}
+
+/// One generation request: a tokenized prompt and how to continue it.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The prompt, already templated and tokenized by [`Engine::tokenize`].
+    pub prompt: Vec<u32>,
+    /// Choices to generate from the same prompt (evaluated once and shared).
+    pub n: u32,
+    /// Largest number of tokens per choice; `None`: until the context is full.
+    pub max_tokens: Option<u32>,
+    /// Sampling parameters, shared by the choices (each has its own random stream).
+    pub sampling: SamplingParams,
+    /// Strings that end a choice; they are not part of its text.
+    pub stop: Vec<String>,
+    /// Never end on the model's end-of-generation tokens (they are banned instead).
+    pub ignore_eos: bool,
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn, or a stop string matched.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+/// What a running generation reports, in order per choice.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The request got its sequences; `cached_tokens` of its prompt were reused.
+    Admitted {
+        /// Prompt tokens whose KV state was reused instead of computed.
+        cached_tokens: u32,
+    },
+    /// New text of one choice: whole UTF-8 characters, never part of a stop string.
+    Text {
+        /// Choice index.
+        choice: u32,
+        /// The text.
+        text: String,
+    },
+    /// A choice ended.
+    Finished {
+        /// Choice index.
+        choice: u32,
+        /// Why.
+        reason: FinishReason,
+        /// Tokens generated for this choice.
+        completion_tokens: u32,
+    },
+    /// The engine failed; no more events follow.
+    Failed {
+        /// What went wrong, for logs (not for clients).
+        message: String,
+    },
+}
+
+/// Why a generation could not be submitted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Too many requests are waiting already.
+    #[error("the queue of model requests is full")]
+    QueueFull,
+    /// The prompt alone fills the context.
+    #[error("prompt of {prompt} tokens exceeds the context length of {context}")]
+    ContextLengthExceeded {
+        /// Tokens in the prompt.
+        prompt: u32,
+        /// The context length.
+        context: u32,
+    },
+    /// The prompt is empty.
+    #[error("empty prompt")]
+    EmptyPrompt,
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Loading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The llama.cpp backend could not start.
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    /// The model file could not be loaded.
+    #[error("cannot load model {path}: {message}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The model's chat template does not compile.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The inference context could not be created.
+    #[error("cannot create inference context: {0}")]
+    Context(String),
+}
+
+/// Events of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct GenerationStream {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+}
+
+impl GenerationStream {
+    /// The next event, or `None` when the generation is over.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event, waiting on the current thread (for use outside async code).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// Load figures, read without locking.
+#[derive(Debug, Default)]
+pub(crate) struct Gauges {
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+}
+
+/// A loaded model and the thread that runs it.
+pub struct Engine {
+    model: Arc<LoadedModel>,
+    gauges: Arc<Gauges>,
+    commands: std::sync::mpsc::Sender<scheduler::Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    max_queue: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("info", &self.model.info)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads the GGUF file at `path` and starts its scheduler thread.
+    pub fn load(path: &Path, config: &EngineConfig) -> Result<Self, EngineError> {
+        let model = Arc::new(LoadedModel::load(path, config)?);
+        let gauges = Arc::new(Gauges::default());
+        let (commands, thread) = scheduler::start(model.clone(), config, gauges.clone())?;
+        Ok(Self {
+            model,
+            gauges,
+            commands,
+            thread: Some(thread),
+            max_queue: config.max_queue,
+        })
+    }
+
+    /// What was loaded.
+    pub fn info(&self) -> &ModelInfo {
+        &self.model.info
+    }
+
+    /// Renders a conversation with the model's chat template, ending with the assistant's
+    /// generation prompt.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, TemplateError> {
+        self.model.template.render(messages, tools, true)
+    }
+
+    /// Tokenizes templated text (special tokens in the text are parsed as such).
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        self.model.tokenize(text)
+    }
+
+    /// Requests waiting for a sequence.
+    pub fn queued(&self) -> usize {
+        self.gauges.queued.load(Ordering::Relaxed)
+    }
+
+    /// Sequences being decoded.
+    pub fn running(&self) -> usize {
+        self.gauges.running.load(Ordering::Relaxed)
+    }
+
+    /// Queues a generation. Fails at once when the queue is full or the prompt cannot fit.
+    pub fn submit(&self, generation: Generation) -> Result<GenerationStream, SubmitError> {
+        let prompt = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        if prompt == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let context = self.model.info.context_length;
+        if prompt >= context {
+            return Err(SubmitError::ContextLengthExceeded { prompt, context });
+        }
+        // Reserve a place in the queue; the scheduler gives it back on admission.
+        let queued = self.gauges.queued.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.max_queue {
+            self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull);
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if self
+            .commands
+            .send(scheduler::Command::Submit(Box::new((generation, tx))))
+            .is_err()
+        {
+            self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(GenerationStream { rx })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.commands.send(scheduler::Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A GGUF model loaded through llama.cpp: weights, vocabulary, chat template and fingerprint.
+//! This and the scheduler are the only modules that touch `llama-cpp-2`.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use sha2::{Digest, Sha256};
+
+use crate::template::{ChatTemplate, CHATML};
+use crate::{EngineConfig, EngineError, ModelInfo};
+
+/// The process-wide llama.cpp backend, started once.
+pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// A model file in memory, shared by request threads (tokenizing) and the scheduler thread.
+pub(crate) struct LoadedModel {
+    pub model: LlamaModel,
+    pub template: ChatTemplate,
+    pub info: ModelInfo,
+    /// End-of-generation tokens (end of turn, end of text...).
+    pub eog: Vec<u32>,
+    add_bos: bool,
+    bos_text: String,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path, config: &EngineConfig) -> Result<Self, EngineError> {
+        let backend = backend()?;
+        let load_err = |message: String| EngineError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .map_err(|e| load_err(e.to_string()))?;
+        let vocab = model.vocab();
+        let piece = |t: LlamaToken| {
+            String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
+        };
+        let bos_text = piece(vocab.bos());
+        let eos_text = piece(vocab.eos());
+        let source = model
+            .meta_val_str("tokenizer.chat_template")
+            .unwrap_or_else(|_| CHATML.to_owned());
+        let template = ChatTemplate::new(&source, &bos_text, &eos_text)?;
+        let eog = vocab
+            .tokens()
+            .filter(|t| vocab.is_eog(*t))
+            .filter_map(|t| u32::try_from(t.0).ok())
+            .collect();
+        let add_bos = vocab.should_add_bos();
+        let train = model.n_ctx_train();
+        let context_length = config
+            .context_length
+            .unwrap_or(train)
+            .min(config.kv_cache_tokens);
+        let fingerprint = fingerprint(path, config).map_err(|e| load_err(e.to_string()))?;
+        let info = ModelInfo {
+            path: path.to_path_buf(),
+            context_length,
+            train_context_length: train,
+            vocab_size: u32::try_from(vocab.n_tokens()).unwrap_or(0),
+            fingerprint,
+            max_sequences: config.max_sequences,
+        };
+        drop(vocab);
+        Ok(Self {
+            model,
+            template,
+            info,
+            eog,
+            add_bos,
+            bos_text,
+        })
+    }
+
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        // Templates that write the BOS token themselves must not get a second one.
+        let add_special = self.add_bos && !(text.starts_with(&self.bos_text) && !self.bos_text.is_empty());
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .filter_map(|t| u32::try_from(t.0).ok())
+            .collect()
+    }
+
+    /// The bytes a token stands for in generated text (control tokens have none).
+    pub fn piece(&self, token: u32, buf: &mut Vec<u8>) {
+        buf.clear();
+        let t = LlamaToken(i32::try_from(token).unwrap_or(0));
+        self.model
+            .vocab()
+            .token_to_piece_into(t, buf, false, None);
+    }
+}
+
+/// `fp_` plus 10 hex digits of a hash of the build, the model file (its size and its first and
+/// last MiB: enough to tell files apart without reading gigabytes) and the settings that change
+/// outputs.
+fn fingerprint(path: &Path, config: &EngineConfig) -> std::io::Result<String> {
+    const SPAN: u64 = 1 << 20;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(llama_cpp_version().as_bytes());
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; SPAN.min(len) as usize];
+    f.read_exact(&mut buf)?;
+    h.update(&buf);
+    f.seek(SeekFrom::Start(len.saturating_sub(SPAN)))?;
+    f.read_exact(&mut buf)?;
+    h.update(&buf);
+    h.update(config.batch_size.to_le_bytes());
+    let digest = hex::encode(h.finalize());
+    Ok(format!("fp_{}", &digest[..10]))
+}
+
+/// The version of the llama.cpp bindings this engine is built on.
+pub(crate) fn llama_cpp_version() -> &'static str {
+    "llama-cpp-2=0.1.160"
+}

@@ -1,0 +1,180 @@
+//! Server configuration: a TOML file, overridden by environment variables and flags (flags win).
+//! Strict: an unknown key is an error that names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use parlance_engine::EngineConfig;
+use serde::Deserialize;
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on.
+    pub addr: Option<SocketAddr>,
+    /// Static API keys (Bearer).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Serve without keys on a non-loopback address.
+    pub allow_unauthenticated: Option<bool>,
+    /// Status for invalid parameter values: 400 (OpenAI) or 422.
+    pub invalid_value_status: Option<u16>,
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    pub shutdown_grace_seconds: Option<u64>,
+    /// `pretty` or `json`.
+    pub log_format: Option<String>,
+    /// Largest request body, in bytes.
+    pub body_limit_bytes: Option<usize>,
+    /// Defaults for every local model.
+    #[serde(default)]
+    pub engine: EngineSection,
+    /// Local models to serve.
+    #[serde(default)]
+    pub models: Vec<ModelSection>,
+}
+
+/// Engine settings; every field optional so that files, flags and defaults layer.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Sequences decoded together.
+    pub max_sequences: Option<u32>,
+    /// KV-cache cells shared by all sequences.
+    pub kv_cache_tokens: Option<u32>,
+    /// Longest context of one request.
+    pub context_length: Option<u32>,
+    /// Tokens per forward step.
+    pub batch_size: Option<u32>,
+    /// CPU threads.
+    pub threads: Option<u32>,
+    /// Requests that may wait before 503.
+    pub max_queue: Option<usize>,
+}
+
+impl EngineSection {
+    /// `self` where set, otherwise `other`.
+    pub fn or(&self, other: &EngineSection) -> EngineSection {
+        EngineSection {
+            max_sequences: self.max_sequences.or(other.max_sequences),
+            kv_cache_tokens: self.kv_cache_tokens.or(other.kv_cache_tokens),
+            context_length: self.context_length.or(other.context_length),
+            batch_size: self.batch_size.or(other.batch_size),
+            threads: self.threads.or(other.threads),
+            max_queue: self.max_queue.or(other.max_queue),
+        }
+    }
+
+    /// The engine configuration, defaults filled in and checked.
+    pub fn build(&self) -> anyhow::Result<EngineConfig> {
+        let d = EngineConfig::default();
+        let c = EngineConfig {
+            max_sequences: self.max_sequences.unwrap_or(d.max_sequences),
+            kv_cache_tokens: self.kv_cache_tokens.unwrap_or(d.kv_cache_tokens),
+            context_length: self.context_length.or(d.context_length),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            threads: self.threads.or(d.threads),
+            max_queue: self.max_queue.unwrap_or(d.max_queue),
+        };
+        if c.max_sequences == 0 || c.max_sequences > 256 {
+            bail!("max_sequences must be between 1 and 256");
+        }
+        if c.kv_cache_tokens < 256 {
+            bail!("kv_cache_tokens must be at least 256");
+        }
+        if c.batch_size == 0 {
+            bail!("batch_size must be at least 1");
+        }
+        if c.threads == Some(0) {
+            bail!("threads must be at least 1");
+        }
+        Ok(c)
+    }
+}
+
+/// One local model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Public name.
+    pub name: String,
+    /// GGUF file; `default` or absent: the default model (fetched on first use).
+    pub path: Option<String>,
+    /// Overrides of the engine defaults.
+    #[serde(flatten)]
+    pub engine: EngineSection,
+}
+
+/// Reads a configuration file.
+pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Parses `NAME=PATH` (or a bare path, named after its file).
+pub fn parse_model_flag(s: &str) -> anyhow::Result<(String, PathBuf)> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_owned(), PathBuf::from(path)))
+        }
+        Some(_) => bail!("--model takes NAME=PATH or PATH, got {s:?}"),
+        None => {
+            let p = PathBuf::from(s);
+            let name = p
+                .file_stem()
+                .and_then(|x| x.to_str())
+                .map(str::to_owned)
+                .with_context(|| format!("cannot name model from path {s:?}"))?;
+            Ok((name, p))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let r: Result<FileConfig, _> = toml::from_str("adr = \"x\"");
+        assert!(r.is_err());
+        let r: Result<FileConfig, _> = toml::from_str("[[models]]\nname = \"a\"\nthreads = 2\n");
+        assert_eq!(r.ok().map(|c| c.models[0].engine.threads), Some(Some(2)));
+    }
+
+    #[test]
+    fn model_flags() {
+        assert_eq!(
+            parse_model_flag("a=/x/y.gguf").ok(),
+            Some(("a".to_owned(), PathBuf::from("/x/y.gguf")))
+        );
+        assert_eq!(
+            parse_model_flag("/x/y.gguf").ok().map(|x| x.0),
+            Some("y".to_owned())
+        );
+        assert!(parse_model_flag("=x").is_err());
+    }
+
+    #[test]
+    fn layering() {
+        let a = EngineSection {
+            threads: Some(1),
+            ..Default::default()
+        };
+        let b = EngineSection {
+            threads: Some(4),
+            max_queue: Some(9),
+            ..Default::default()
+        };
+        let c = a.or(&b).build().ok();
+        assert_eq!(c.as_ref().map(|c| (c.threads, c.max_queue)), Some((Some(1), 9)));
+        assert!(EngineSection {
+            max_sequences: Some(0),
+            ..Default::default()
+        }
+        .build()
+        .is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! `parlance serve`: layer the configuration, load the models, listen, and shut down gracefully
+//! on SIGTERM or SIGINT (stop accepting, let in-flight requests finish within a grace period).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use parlance_api::StatusConvention;
+use parlance_engine::Engine;
+use parlance_platform::{Catalog, CatalogEntry, Platform, StaticKeys};
+use parlance_providers::LocalProvider;
+use parlance_server::AppState;
+
+use crate::config::{self, EngineSection, FileConfig};
+use crate::pull;
+
+/// Flags of `parlance serve`. Each may also come from the environment variable shown, and
+/// from the configuration file; flags win over the environment, which wins over the file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, short, env = "PARLANCE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "PARLANCE_ADDR")]
+    addr: Option<SocketAddr>,
+    /// A local GGUF model to serve, as NAME=PATH or PATH (repeatable). Without any, the default
+    /// model is served (and fetched on first use).
+    #[arg(long = "model", short, env = "PARLANCE_MODELS", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Static API keys accepted as `Authorization: Bearer` (comma-separated in the environment).
+    #[arg(long = "api-key", env = "PARLANCE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Serve without API keys on an address other than loopback.
+    #[arg(long, env = "PARLANCE_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
+    /// Sequences decoded together in one forward step [default: 16].
+    #[arg(long, env = "PARLANCE_MAX_SEQUENCES")]
+    max_sequences: Option<u32>,
+    /// KV-cache cells shared by all sequences of a model [default: 8192].
+    #[arg(long, env = "PARLANCE_KV_CACHE_TOKENS")]
+    kv_cache_tokens: Option<u32>,
+    /// Longest prompt plus completion of one request [default: the model's, capped by the KV cache].
+    #[arg(long, env = "PARLANCE_CONTEXT_LENGTH")]
+    context_length: Option<u32>,
+    /// Tokens per forward step [default: 512].
+    #[arg(long, env = "PARLANCE_BATCH_SIZE")]
+    batch_size: Option<u32>,
+    /// CPU threads per model [default: all cores].
+    #[arg(long, env = "PARLANCE_THREADS")]
+    threads: Option<u32>,
+    /// Requests that may wait for a sequence before new ones get 503 [default: 256].
+    #[arg(long, env = "PARLANCE_MAX_QUEUE")]
+    max_queue: Option<usize>,
+    /// Status for out-of-range parameter values: 400 (OpenAI's) or 422 [default: 400].
+    #[arg(long, env = "PARLANCE_INVALID_VALUE_STATUS")]
+    invalid_value_status: Option<u16>,
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT [default: 30].
+    #[arg(long, env = "PARLANCE_SHUTDOWN_GRACE_SECONDS")]
+    shutdown_grace_seconds: Option<u64>,
+    /// Exit when standard input closes (for a supervisor or test harness that owns the process).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+    /// Log format: pretty or json [default: pretty]. Levels come from RUST_LOG.
+    #[arg(long, env = "PARLANCE_LOG_FORMAT")]
+    log_format: Option<String>,
+}
+
+fn init_tracing(format: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,llama_cpp_2=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "pretty" => builder.compact().init(),
+        other => bail!("log format must be `pretty` or `json`, not {other:?}"),
+    }
+    Ok(())
+}
+
+struct ModelSpec {
+    name: String,
+    path: PathBuf,
+    engine: EngineSection,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.exit_on_stdin_eof {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    let file = match &args.config {
+        Some(p) => config::load(p)?,
+        None => FileConfig::default(),
+    };
+    init_tracing(
+        args.log_format
+            .as_deref()
+            .or(file.log_format.as_deref())
+            .unwrap_or("pretty"),
+    )?;
+    let addr = args
+        .addr
+        .or(file.addr)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let flags = EngineSection {
+        max_sequences: args.max_sequences,
+        kv_cache_tokens: args.kv_cache_tokens,
+        context_length: args.context_length,
+        batch_size: args.batch_size,
+        threads: args.threads,
+        max_queue: args.max_queue,
+    };
+    let defaults = flags.or(&file.engine);
+    let mut specs = Vec::new();
+    for m in &args.models {
+        let (name, path) = config::parse_model_flag(m)?;
+        specs.push(ModelSpec {
+            name,
+            path,
+            engine: defaults.clone(),
+        });
+    }
+    if specs.is_empty() {
+        for m in &file.models {
+            let path = match m.path.as_deref() {
+                None | Some("default") => pull::ensure_default_model()?,
+                Some(p) => PathBuf::from(p),
+            };
+            specs.push(ModelSpec {
+                name: m.name.clone(),
+                path,
+                engine: flags.or(&m.engine).or(&file.engine),
+            });
+        }
+    }
+    if specs.is_empty() {
+        specs.push(ModelSpec {
+            name: pull::DEFAULT_MODEL_NAME.into(),
+            path: pull::ensure_default_model()?,
+            engine: defaults.clone(),
+        });
+    }
+
+    let mut keys: Vec<String> = file.api_keys.clone();
+    keys.extend(args.api_keys.iter().cloned());
+    let auth = StaticKeys::new(&keys);
+    let open_ok = args.allow_unauthenticated || file.allow_unauthenticated.unwrap_or(false);
+    if auth.is_empty() {
+        if !addr.ip().is_loopback() && !open_ok {
+            bail!("refusing to serve {addr} without API keys: set --api-key (or PARLANCE_API_KEYS), or pass --allow-unauthenticated to serve anyone who can reach it");
+        }
+        tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication");
+    }
+    let convention = match args.invalid_value_status.or(file.invalid_value_status) {
+        None | Some(400) => StatusConvention::OpenAi,
+        Some(422) => StatusConvention::Unprocessable,
+        Some(s) => bail!("invalid_value_status must be 400 or 422, not {s}"),
+    };
+    let grace = Duration::from_secs(
+        args.shutdown_grace_seconds
+            .or(file.shutdown_grace_seconds)
+            .unwrap_or(30),
+    );
+
+    let mut catalog = Catalog::default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for spec in specs {
+        let cfg = spec.engine.build().with_context(|| format!("model {}", spec.name))?;
+        tracing::info!(model = %spec.name, path = %spec.path.display(), "loading model");
+        let engine = Engine::load(&spec.path, &cfg)
+            .with_context(|| format!("cannot load model {}", spec.name))?;
+        let info = engine.info();
+        tracing::info!(
+            model = %spec.name,
+            context_length = info.context_length,
+            max_sequences = info.max_sequences,
+            fingerprint = %info.fingerprint,
+            "model loaded"
+        );
+        catalog.insert(CatalogEntry {
+            name: spec.name,
+            provider: Arc::new(LocalProvider::new(Arc::new(engine))),
+            created: now,
+        });
+    }
+
+    let platform = Platform {
+        catalog: Arc::new(catalog),
+        auth: Arc::new(auth),
+    };
+    let mut state = AppState::new(platform);
+    state.convention = convention;
+    if let Some(limit) = file.body_limit_bytes {
+        state.body_limit = limit;
+    }
+    let state = Arc::new(state);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!("listening on http://{local}");
+        let app = parlance_server::router(state.clone());
+        let shutdown_state = state.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!(grace_seconds = grace.as_secs(), "shutting down: finishing in-flight requests");
+                shutdown_state.begin_shutdown();
+                // Past the grace period, exit even if streams are still open.
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    tracing::warn!("grace period over: exiting with requests still open");
+                    std::process::exit(0);
+                });
+            })
+            .await?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,351 @@
+//! End-to-end: the real binary, the real default model, real HTTP. Chat completions in
+//! OpenAI's shape, plain and streamed, and every request field of the contract.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::sync::OnceLock;
+
+/// One server shared by the tests of this file (they do not change its state).
+fn shared() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| Server::start(&[]))
+}
+
+fn greedy(content: &str, max_tokens: u32) -> Value {
+    let mut b = chat(content);
+    b["temperature"] = json!(0);
+    b["max_tokens"] = json!(max_tokens);
+    b
+}
+
+#[tokio::test]
+async fn plain_completion_has_openais_shape() {
+    let s = shared();
+    let (status, _, v) = post(s, &greedy("What is the capital of France?", 24)).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], MODEL);
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"].get("refusal").is_some_and(Value::is_null));
+    assert!(choice.get("logprobs").is_some_and(Value::is_null));
+    assert!(!content(&v).is_empty());
+    let u = &v["usage"];
+    let (p, c) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+    assert!(p > 10 && c > 0, "{u}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), p + c);
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
+    assert_eq!(u["completion_tokens_details"]["reasoning_tokens"], 0);
+    let fp = v["system_fingerprint"].as_str().unwrap();
+    assert!(fp.starts_with("fp_"));
+    // Stable for the same model file and build.
+    let (_, _, v2) = post(s, &greedy("Hello", 2)).await;
+    assert_eq!(v2["system_fingerprint"], fp);
+    validate_with_spec(&v.to_string());
+}
+
+#[tokio::test]
+async fn greedy_is_deterministic_and_max_tokens_gives_length() {
+    let s = shared();
+    let (_, _, a) = post(s, &greedy("Tell me about the sea.", 12)).await;
+    let (_, _, b) = post(s, &greedy("Tell me about the sea.", 12)).await;
+    assert_eq!(content(&a), content(&b));
+    assert_eq!(a["choices"][0]["finish_reason"], "length");
+    assert_eq!(a["usage"]["completion_tokens"], 12);
+
+    // max_completion_tokens wins over max_tokens.
+    let mut body = greedy("Tell me about the sea.", 12);
+    body["max_completion_tokens"] = json!(5);
+    let (_, _, c) = post(s, &body).await;
+    assert_eq!(c["usage"]["completion_tokens"], 5);
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert!(content(&a).starts_with(&content(&c)));
+}
+
+#[tokio::test]
+async fn natural_end_is_stop() {
+    let s = shared();
+    let (_, _, v) = post(s, &greedy("Say hi.", 200)).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 200);
+}
+
+#[tokio::test]
+async fn stop_string_cuts_text_and_is_not_included() {
+    let s = shared();
+    let (_, _, v) = post(s, &greedy("Write three sentences about dogs.", 40)).await;
+    let full = content(&v);
+    // A stop string from the middle of the greedy text, possibly spanning tokens.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 20, "{full}");
+    let stop: String = chars[10..14].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut body = greedy("Write three sentences about dogs.", 40);
+        body["stop"] = json!([stop, "never-appears-xyz"]);
+        let (text, finish) = if stream {
+            body["stream"] = json!(true);
+            let (_, _, data) = post_stream(s, &body).await;
+            collect_stream(&data)
+        } else {
+            let (_, _, r) = post(s, &body).await;
+            (content(&r), r["choices"][0]["finish_reason"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(text, expected, "stream={stream}");
+        assert_eq!(finish, "stop");
+    }
+}
+
+/// Text and finish reason of choice 0 from SSE payloads.
+fn collect_stream(data: &[String]) -> (String, String) {
+    let mut text = String::new();
+    let mut finish = String::new();
+    for d in data {
+        if d == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(d).unwrap();
+        for c in v["choices"].as_array().unwrap() {
+            if c["index"] == 0 {
+                if let Some(t) = c["delta"]["content"].as_str() {
+                    text.push_str(t);
+                }
+                if let Some(f) = c["finish_reason"].as_str() {
+                    finish = f.to_owned();
+                }
+            }
+        }
+    }
+    (text, finish)
+}
+
+#[tokio::test]
+async fn seed_reproduces_sampled_text() {
+    let s = shared();
+    let body = |seed: u64| {
+        let mut b = chat("Invent a name for a cat.");
+        b["temperature"] = json!(1.2);
+        b["seed"] = json!(seed);
+        b["max_tokens"] = json!(16);
+        b
+    };
+    let (_, _, a) = post(s, &body(42)).await;
+    let (_, _, b) = post(s, &body(42)).await;
+    assert_eq!(content(&a), content(&b));
+    let mut differs = false;
+    for seed in [1, 2, 3] {
+        let (_, _, c) = post(s, &body(seed)).await;
+        differs |= content(&c) != content(&a);
+    }
+    assert!(differs, "different seeds all gave the same text");
+}
+
+#[tokio::test]
+async fn n_choices_share_the_prompt_and_sum_usage() {
+    let s = shared();
+    let mut body = chat("Name a fruit.");
+    body["n"] = json!(3);
+    body["max_tokens"] = json!(6);
+    body["ignore_eos"] = json!(true);
+    body["seed"] = json!(5);
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    let idx: Vec<u64> = choices.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+    let (_, _, one) = post(s, &greedy("Name a fruit.", 1)).await;
+    assert_eq!(v["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    validate_with_spec(&v.to_string());
+
+    // Streamed: each choice gets its role once and its own finish chunk.
+    body["stream"] = json!(true);
+    let (_, _, data) = post_stream(s, &body).await;
+    let mut roles = [0; 3];
+    let mut finishes = [0; 3];
+    for d in data.iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            if ch["delta"].get("role").is_some() {
+                roles[i] += 1;
+            }
+            if !ch["finish_reason"].is_null() {
+                finishes[i] += 1;
+                assert_eq!(ch["delta"], json!({}));
+            }
+        }
+    }
+    assert_eq!(roles, [1, 1, 1]);
+    assert_eq!(finishes, [1, 1, 1]);
+}
+
+#[tokio::test]
+async fn streaming_wire_format() {
+    let s = shared();
+    let mut body = greedy("Count from one to five.", 20);
+    let (_, _, plain) = post(s, &body).await;
+    body["stream"] = json!(true);
+    let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let raw = r.text().await.unwrap();
+    let data = sse_data(&raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let id = chunks[0]["id"].clone();
+    assert!(id.as_str().unwrap().starts_with("chatcmpl-"));
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], id);
+        assert_eq!(c["created"], chunks[0]["created"]);
+        assert_eq!(c["model"], MODEL);
+        assert!(c.get("usage").is_none(), "usage without include_usage: {c}");
+        let has_role = c["choices"][0]["delta"].get("role").is_some();
+        assert_eq!(has_role, i == 0, "role only on the first chunk");
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let (text, _) = collect_stream(&data);
+    assert_eq!(text, content(&plain), "streamed text equals the plain text");
+    validate_with_spec(&raw);
+
+    // With include_usage: one more chunk with empty choices and the usage.
+    body["stream_options"] = json!({"include_usage": true});
+    let (_, _, data) = post_stream(s, &body).await;
+    let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], plain["usage"]);
+    for d in &data[..data.len() - 2] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        assert!(c["usage"].is_null());
+    }
+}
+
+#[tokio::test]
+async fn multibyte_text_is_never_split() {
+    let s = shared();
+    let mut body = chat("Écris une phrase en français avec des accents, puis des emojis 🎉🌍.");
+    body["max_tokens"] = json!(60);
+    body["seed"] = json!(11);
+    body["stream"] = json!(true);
+    let (_, _, data) = post_stream(s, &body).await;
+    for d in data.iter().filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(d).unwrap();
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            assert!(!t.contains('\u{fffd}'), "a split character became U+FFFD: {t:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sampling_fields_are_honoured() {
+    let s = shared();
+    // A +100 bias on one token makes greedy decoding repeat it.
+    let mut body = greedy("Hello", 5);
+    body["logit_bias"] = json!({"1000": 100});
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let t = content(&v);
+    assert!(!t.is_empty());
+    let unit = &t[..t.len() / 5];
+    assert_eq!(t, unit.repeat(5), "{t:?}");
+
+    // top_k = 1 is greedy even at a high temperature.
+    let (_, _, g) = post(s, &greedy("Describe the moon.", 12)).await;
+    let mut body = chat("Describe the moon.");
+    body["temperature"] = json!(2);
+    body["top_k"] = json!(1);
+    body["max_tokens"] = json!(12);
+    let (_, _, k) = post(s, &body).await;
+    assert_eq!(content(&k), content(&g));
+
+    // The other extensions and penalties are accepted and change nothing they should not.
+    let mut body = greedy("Describe the moon.", 12);
+    for (f, v) in [("min_p", json!(0.1)), ("top_p", json!(0.9)), ("presence_penalty", json!(0.0)), ("frequency_penalty", json!(0.0)), ("repetition_penalty", json!(1.0))] {
+        body[f] = v;
+    }
+    body["user"] = json!("user-1");
+    body["metadata"] = json!({"team": "a"});
+    let (_, _, same) = post(s, &body).await;
+    assert_eq!(content(&same), content(&g));
+    // A strong frequency penalty changes a repetitive greedy answer.
+    body["frequency_penalty"] = json!(2.0);
+    body["max_tokens"] = json!(40);
+    let (_, _, pen) = post(s, &body).await;
+    let (_, _, base) = post(s, &greedy("Describe the moon.", 40)).await;
+    assert_ne!(content(&pen), content(&base));
+}
+
+#[tokio::test]
+async fn roles_parts_and_history() {
+    let s = shared();
+    let body = json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?", "name": "bob"},
+    ]});
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    // A trailing assistant message is a finished turn, not a prefill to continue: the answer
+    // is a new turn, so it equals the answer to the same history with that turn completed.
+    let prefill = json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "user", "content": "Say a word."},
+        {"role": "assistant", "content": "The word is"},
+    ]});
+    let (status, _, v) = post(s, &prefill).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn api_prefix_alias_and_models() {
+    let s = shared();
+    let r = client().post(s.url("/api/v1/chat/completions")).json(&greedy("Hi", 2)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = client().get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    let m = list["data"].as_array().unwrap().iter().find(|m| m["id"] == MODEL).unwrap().clone();
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["context_length"], 8192);
+    validate_with_spec(&list.to_string());
+    let one: Value = client().get(s.url(&format!("/v1/models/{MODEL}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one, m);
+    let r = client().get(s.url("/v1/models/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(client().get(s.url("/readyz")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn concurrent_greedy_matches_solo() {
+    let s = shared();
+    let body = greedy("Explain why the sky is blue.", 24);
+    let (_, _, solo) = post(s, &body).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let b = if i % 2 == 0 { body.clone() } else { greedy(&format!("Write a poem about the number {i}."), 30) };
+        let base = s.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client().post(format!("{base}/v1/chat/completions")).json(&b).send().await.unwrap();
+            (i, r.json::<Value>().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (i, v) = t.await.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(content(&v), content(&solo), "request {i} under concurrency");
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Test harness: starts the real `parlance` binary on a free loopback port with the real default
+//! model, and talks to it over HTTP. The server exits when the test process goes away (its
+//! standard input closes), so no server outlives the tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// The default model, pulled by `parlance pull` before the tests (CI and the test script do).
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("PARLANCE_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("PARLANCE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("parlance")))
+        .expect("a cache directory");
+    let p = base.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "the default model is missing at {}: run `cargo run -p parlance -- pull` first",
+        p.display()
+    );
+    p
+}
+
+pub const MODEL: &str = "smollm2";
+
+/// A running server.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub stderr: std::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+impl Server {
+    /// Starts the server serving the default model as `smollm2`, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let model = format!("{MODEL}={}", model_path().display());
+        let mut args = vec!["serve", "--addr", "127.0.0.1:0", "--model", &model, "--exit-on-stdin-eof"];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args)
+    }
+
+    pub fn start_raw(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parlance"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("PARLANCE_API_KEYS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn parlance");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                if tx.send(line).is_err() {
+                    // Keep draining so the server never blocks on a full pipe.
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("server did not say where it listens");
+            if let Some(i) = line.find("listening on http://") {
+                let addr = line[i + "listening on http://".len()..].trim().to_owned();
+                return Server {
+                    child,
+                    base: format!("http://{addr}"),
+                    stderr: std::sync::Mutex::new(rx),
+                };
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+/// A chat request body for the test model.
+pub fn chat(content: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+pub async fn post(server: &Server, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let v = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, headers, v)
+}
+
+/// Posts a streaming request; returns the status, headers and every `data:` payload in order.
+pub async fn post_stream(server: &Server, body: &Value) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
+    let r = client()
+        .post(server.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.expect("body");
+    (status, headers, sse_data(&text))
+}
+
+/// The `data:` payloads of an SSE body, checking the framing on the way.
+pub fn sse_data(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for event in text.split("\n\n") {
+        if event.trim().is_empty() {
+            continue;
+        }
+        for line in event.lines() {
+            if line.starts_with(':') {
+                continue; // keep-alive comment
+            }
+            let data = line
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data line: {line:?}"));
+            out.push(data.to_owned());
+        }
+    }
+    out
+}
+
+/// The text of choice 0 of a non-streamed response.
+pub fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {v}"))
+        .to_owned()
+}
+
+/// Validates a JSON or SSE payload against OpenAI's published spec with the shared tool.
+pub fn validate_with_spec(payload: &str) {
+    let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/validate_schema.py");
+    assert!(tool.is_file(), "missing {}", tool.display());
+    let mut child = Command::new("python3")
+        .arg(&tool)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(payload.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("validator");
+    assert!(
+        out.status.success(),
+        "spec validation failed:\n{}\n{}\npayload: {payload}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,224 @@
+//! End-to-end: every failure in OpenAI's envelope with the right status, authentication,
+//! overload, client disconnect, graceful shutdown, several models at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn assert_envelope(v: &Value) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    validate_with_spec(&v.to_string());
+}
+
+async fn raw(s: &Server, body: &str) -> (u16, Value) {
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn invalid_requests_get_the_envelope() {
+    let s = Server::start(&[]);
+    let cases: Vec<(String, u16, Option<&str>, Option<&str>)> = vec![
+        ("{not json".into(), 400, None, None),
+        ("[]".into(), 400, None, None),
+        (json!({"messages": [{"role": "user", "content": "x"}]}).to_string(), 400, Some("model"), None),
+        (json!({"model": MODEL}).to_string(), 400, Some("messages"), None),
+        (json!({"model": MODEL, "messages": []}).to_string(), 400, Some("messages"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(), 400, Some("temperature"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}).to_string(), 400, Some("temperature"), Some("invalid_value")),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, Some("stop"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}).to_string(), 400, Some("stream_options"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}).to_string(), 400, Some("messages[0].content[0].type"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}).to_string(), 400, Some("logit_bias"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}).to_string(), 400, Some("tools"), None),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}).to_string(), 400, Some("tool_choice"), None),
+        (json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}).to_string(), 404, Some("model"), Some("model_not_found")),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}).to_string(), 400, Some("messages"), Some("context_length_exceeded")),
+    ];
+    for (body, status, param, code) in cases {
+        let (got, v) = raw(&s, &body).await;
+        assert_eq!(got, status, "{body} -> {v}");
+        assert_envelope(&v);
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{body}");
+        }
+        if let Some(c) = code {
+            assert_eq!(v["error"]["code"], c, "{body}");
+        }
+    }
+    // A prompt longer than the context: 400 context_length_exceeded, never truncation.
+    let long = "word ".repeat(9000);
+    let (got, v) = raw(&s, &json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}).to_string()).await;
+    assert_eq!(got, 400);
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Unknown routes and methods, in the envelope too.
+    let r = client().get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_envelope(&r.json().await.unwrap());
+    let r = client().get(s.url("/v1/chat/completions")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_envelope(&r.json().await.unwrap());
+}
+
+#[tokio::test]
+async fn invalid_values_can_be_422() {
+    let s = Server::start(&["--invalid-value-status", "422"]);
+    let (got, v) = raw(&s, &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}).to_string()).await;
+    assert_eq!(got, 422, "{v}");
+    assert_eq!(v["error"]["param"], "temperature");
+    // A malformed body stays 400.
+    let (got, _) = raw(&s, "{oops").await;
+    assert_eq!(got, 400);
+}
+
+#[tokio::test]
+async fn api_keys_are_required_when_configured() {
+    let s = Server::start(&["--api-key", "sk-test-1", "--api-key", "sk-test-2"]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let send = |key: Option<&'static str>| {
+        let mut r = client().post(s.url("/v1/chat/completions")).json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    let r = send(None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error");
+    assert_envelope(&v);
+    assert_eq!(send(Some("sk-wrong")).await.unwrap().status(), 401);
+    assert_eq!(send(Some("sk-test-2")).await.unwrap().status(), 200);
+    let r = client().get(s.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Health checks need no key.
+    assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn refuses_open_public_address_without_keys() {
+    let model = format!("{MODEL}={}", model_path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parlance"))
+        .args(["serve", "--addr", "0.0.0.0:0", "--model", &model])
+        .env_remove("PARLANCE_API_KEYS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
+}
+
+/// Reads SSE payloads from a live response until `count` content chunks arrived.
+async fn read_chunks(r: reqwest::Response, count: usize) -> impl Sized {
+    let mut stream = r.bytes_stream();
+    let mut seen = 0;
+    while seen < count {
+        let b = stream.next().await.unwrap().unwrap();
+        seen += String::from_utf8_lossy(&b).matches("\"content\"").count();
+    }
+    stream
+}
+
+fn long_stream() -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
+           "max_tokens": 7000, "ignore_eos": true, "stream": true})
+}
+
+#[tokio::test]
+async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
+    let s = Server::start(&["--max-sequences", "1", "--max-queue", "1"]);
+    // A occupies the only sequence; B waits in the only queue place.
+    let a = client().post(s.url("/v1/chat/completions")).json(&long_stream()).send().await.unwrap();
+    let a = read_chunks(a, 3).await;
+    let b_body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let base = s.base.clone();
+    let b = tokio::spawn(async move {
+        client().post(format!("{base}/v1/chat/completions")).json(&b_body).send().await.unwrap()
+    });
+    // Give B time to reach the queue, then C must be refused.
+    let mut refused = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = client().post(s.url("/v1/chat/completions")).json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "c"}], "max_tokens": 1})).send().await.unwrap();
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("a third request was never refused");
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "overloaded");
+    assert_envelope(&v);
+    // Dropping A's connection cancels its generation: B (queued behind it) then completes,
+    // long before A's 7000 tokens could have been generated.
+    drop(a);
+    let b = tokio::time::timeout(Duration::from_secs(60), b).await.expect("B never ran: A was not cancelled").unwrap();
+    assert_eq!(b.status(), 200);
+}
+
+#[tokio::test]
+async fn error_after_stream_start_and_shutdown_finishes_streams() {
+    let s = Server::start(&["--shutdown-grace-seconds", "60"]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell a story."}],
+                      "max_tokens": 60, "ignore_eos": true, "stream": true});
+    let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    // SIGTERM while the stream runs: it still completes, then the process exits 0.
+    s.terminate();
+    let mut rest = String::from_utf8_lossy(&first).into_owned();
+    while let Some(Ok(b)) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&b));
+    }
+    let data = sse_data(&rest);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "stream was cut by shutdown");
+    let mut s = s;
+    let status = wait_exit(&mut s.child, Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test]
+async fn several_models_at_once() {
+    let path = model_path();
+    let a = format!("alpha={}", path.display());
+    let b = format!("beta={}", path.display());
+    let s = Server::start_raw(&["serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof", "--model", &a, "--model", &b, "--kv-cache-tokens", "2048"]);
+    let list: Value = client().get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["alpha", "beta"]);
+    assert_eq!(list["data"][0]["context_length"], 2048);
+    for m in ["alpha", "beta"] {
+        let body = json!({"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+        let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["model"], m);
+    }
+}

@@ -1,0 +1,62 @@
+//! One trait for anything that can complete a chat (the local engine now; OpenAI-compatible and
+//! Anthropic upstreams later), and the event stream every provider produces.
+
+mod local;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
+
+pub use local::LocalProvider;
+
+/// What a provider streams back, in order per choice; `Usage` comes last.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatEvent {
+    /// New text of one choice.
+    Text {
+        /// Choice index.
+        choice: u32,
+        /// The text (whole characters, never part of a stop string).
+        text: String,
+    },
+    /// A choice ended.
+    Finish {
+        /// Choice index.
+        choice: u32,
+        /// Why.
+        reason: FinishReason,
+    },
+    /// Final token counts, after every choice finished.
+    Usage(Usage),
+    /// The generation failed after it started.
+    Error(ApiError),
+}
+
+/// A running completion.
+pub struct ChatStream {
+    /// The events; dropping the stream cancels the work.
+    pub events: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
+}
+
+impl std::fmt::Debug for ChatStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChatStream")
+    }
+}
+
+/// Anything that can complete a chat.
+#[async_trait::async_trait]
+pub trait ChatProvider: Send + Sync {
+    /// Which kind of provider this is (`local`, ...), for logs and `owned_by`.
+    fn kind(&self) -> &'static str;
+    /// Longest prompt plus completion it accepts.
+    fn context_length(&self) -> u32;
+    /// Identifies the model and build, for `system_fingerprint`.
+    fn fingerprint(&self) -> String;
+    /// Whether it can take work now.
+    fn ready(&self) -> bool;
+    /// Starts a completion. Errors before any work are returned here (400s, 503 when full);
+    /// errors after it started arrive as [`ChatEvent::Error`].
+    async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError>;
+}

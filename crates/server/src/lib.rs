@@ -1,0 +1,77 @@
+//! The HTTP surface (axum): OpenAI routes, health checks, SSE encoding and the middleware
+//! around them. Handlers are thin: extract, call the platform, encode.
+
+mod chat;
+mod error;
+mod middleware;
+mod models;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use parlance_api::StatusConvention;
+use parlance_platform::Platform;
+
+pub use error::Failure;
+
+/// Shared state of every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// The domain.
+    pub platform: Platform,
+    /// How invalid values are reported (400 or 422).
+    pub convention: StatusConvention,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Set when shutdown begins: `/readyz` turns 503 and new completions are refused.
+    pub shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// State with OpenAI's conventions and a 16 MiB body limit.
+    pub fn new(platform: Platform) -> Self {
+        Self {
+            platform,
+            convention: StatusConvention::OpenAi,
+            body_limit: 16 << 20,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the server as shutting down.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The whole application.
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/api/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(models::list))
+        .route("/api/v1/models", get(models::list))
+        .route("/v1/models/{*id}", get(models::get))
+        .route("/api/v1/models/{*id}", get(models::get))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(models::healthz))
+        .route("/readyz", get(models::readyz))
+        .merge(api)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::conventions,
+        ))
+        .layer(axum::middleware::from_fn(middleware::request_id))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panic_response,
+        ))
+        .with_state(state)
+}

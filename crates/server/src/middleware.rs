@@ -1,0 +1,81 @@
+//! Middleware, outermost first: catch panics (in `router`), request id, status conventions,
+//! authentication.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use parlance_api::{ApiError, StatusConvention};
+use tracing::Instrument;
+
+use crate::error::{render, Failure};
+use crate::AppState;
+
+/// Header carrying the request id, echoed from the client or made here.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every request an id, returned in `x-request-id`, and a trace span carrying it.
+pub(crate) async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status();
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), "request done");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Re-renders invalid-value errors as 422 when the operator asked for that convention.
+pub(crate) async fn conventions(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if state.convention == StatusConvention::OpenAi {
+        return resp;
+    }
+    match resp.extensions().get::<ApiError>() {
+        Some(e @ ApiError::InvalidValue { .. }) => render(e, state.convention),
+        _ => resp,
+    }
+}
+
+/// Checks `Authorization: Bearer` and stores the principal for the handler.
+pub(crate) async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+        });
+    match state.platform.auth.authenticate(bearer.as_deref()) {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => Failure(e).into_response(),
+    }
+}

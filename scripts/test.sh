@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check and test, as CI does: installs what is missing, fetches the default model,
+# then format, lints, the Rust suites (unit, property, end-to-end against the real binary and
+# model) and the official-SDK suite in Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+jobs="${CARGO_BUILD_JOBS:-$(nproc)}"
+echo "== format" >&2
+cargo fmt --all --check
+echo "== build" >&2
+cargo build -p parlance -j "$jobs"
+echo "== default model" >&2
+target/debug/parlance pull
+echo "== clippy" >&2
+cargo clippy --all-targets -j "$jobs" -- -D warnings
+echo "== rust tests" >&2
+cargo test --workspace -j "$jobs" -- --test-threads 2
+echo "== openai SDK suite" >&2
+python3 -m pytest tests/python -q -p no:cacheprovider

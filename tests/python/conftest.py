@@ -1,0 +1,56 @@
+"""Starts the real parlance binary (built by cargo) on a free loopback port for the SDK suite.
+
+The server exits when this process goes away: its standard input is a pipe we hold."""
+
+import os
+import pathlib
+import re
+import subprocess
+import threading
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL = "smollm2"
+
+
+def _binary() -> str:
+    b = os.environ.get("PARLANCE_BIN", str(ROOT / "target" / "debug" / "parlance"))
+    assert os.path.exists(b), f"{b} is missing: build with `cargo build -p parlance` first"
+    return b
+
+
+def _model_path() -> str:
+    base = os.environ.get("PARLANCE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "parlance"
+    )
+    p = os.path.join(base, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.exists(p), f"default model missing at {p}: run `parlance pull`"
+    return p
+
+
+@pytest.fixture(scope="session")
+def server():
+    args = [_binary(), "serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof",
+            "--model", f"{MODEL}={_model_path()}", "--api-key", "sk-sdk-test"]
+    env = dict(os.environ, RUST_LOG="info")
+    env.pop("PARLANCE_API_KEYS", None)
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    base = None
+    for line in proc.stderr:
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            base = m.group(1)
+            break
+    assert base, "server did not start"
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server + "/v1", api_key="sk-sdk-test", max_retries=0)

@@ -1,0 +1,119 @@
+"""The official `openai` SDK against parlance, with strict response validation: every
+response is parsed into the SDK's models and checked field by field, and raw payloads are
+validated against OpenAI's published spec."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from conftest import MODEL, ROOT
+
+VALIDATOR = ROOT.parent / "shared" / "tools" / "validate_schema.py"
+
+
+def validate(payload: str):
+    r = subprocess.run([sys.executable, str(VALIDATOR), "-"], input=payload, text=True,
+                       capture_output=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def strict(model_obj):
+    """Round-trip through the SDK's pydantic model in strict mode: no missing or mistyped field."""
+    type(model_obj).model_validate(model_obj.model_dump(mode="json"), strict=True)
+
+
+def test_create_plain(client: OpenAI):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                       max_tokens=10, temperature=0)
+    strict(r)
+    assert r.object == "chat.completion"
+    assert r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert r.system_fingerprint.startswith("fp_")
+
+
+def test_raw_response_matches_spec(client: OpenAI):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, n=2, seed=1)
+    validate(raw.text)
+    assert raw.headers.get("x-request-id")
+
+
+def test_stream_accumulates_and_matches_plain(client: OpenAI):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=20, temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    text, finish, usage, ids = "", None, None, set()
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        strict(chunk)
+        ids.add(chunk.id)
+        if chunk.usage:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        d = chunk.choices[0]
+        text += d.delta.content or ""
+        finish = d.finish_reason or finish
+    assert text == plain
+    assert finish == "length"
+    assert usage.completion_tokens == 20
+    assert len(ids) == 1
+
+
+def test_stream_helper(client: OpenAI):
+    with client.beta.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=8, seed=3) as s:
+        for _ in s:
+            pass
+        final = s.get_final_completion()
+    assert final.choices[0].message.content is not None
+
+
+def test_stream_raw_matches_spec(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-sdk-test"}, timeout=120)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    validate(r.text)
+
+
+def test_seed_reproducible(client: OpenAI):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=12,
+              temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_errors_raise_the_right_exceptions(client: OpenAI, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 9000}])
+    assert e.value.code == "context_length_exceeded"
+    bad = OpenAI(base_url=server + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
+def test_models(client: OpenAI):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert MODEL in ids
+    m = client.models.retrieve(MODEL)
+    strict(m)
+    assert m.model_extra.get("context_length") == 8192
