@@ -26,10 +26,9 @@ use model::LoadedModel;
 pub struct EngineConfig {
     /// Sequences (choices) decoded together in one forward step, at most.
     pub max_sequences: u32,
-    /// KV-cache cells shared by all sequences (tokens of context held at once, in total).
-    pub kv_cache_tokens: u32,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
-    /// context, capped by `kv_cache_tokens`.
+    /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
+    /// `max_sequences × context_length` cells (23 KiB each for the default model).
     pub context_length: Option<u32>,
     /// Tokens processed in one forward step, prompt chunks and decode tokens together.
     pub batch_size: u32,
@@ -43,7 +42,6 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_sequences: 16,
-            kv_cache_tokens: 8192,
             context_length: None,
             batch_size: 512,
             threads: None,

@@ -14,6 +14,9 @@ use sha2::{Digest, Sha256};
 use crate::template::{ChatTemplate, CHATML};
 use crate::{EngineConfig, EngineError, ModelInfo};
 
+/// Context per sequence when the configuration names none (and the model's is longer).
+const DEFAULT_CONTEXT: u32 = 2048;
+
 /// The process-wide llama.cpp backend, started once.
 pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -68,8 +71,8 @@ impl LoadedModel {
         let train = model.n_ctx_train();
         let context_length = config
             .context_length
-            .unwrap_or(train)
-            .min(config.kv_cache_tokens);
+            .unwrap_or_else(|| train.min(DEFAULT_CONTEXT))
+            .max(16);
         let fingerprint = fingerprint(path, config).map_err(|e| load_err(e.to_string()))?;
         let info = ModelInfo {
             path: path.to_path_buf(),

@@ -1,18 +1,21 @@
-//! The engine thread: continuous batching over one llama.cpp context with a unified KV cache.
+//! The engine thread: continuous batching over one llama.cpp context, one KV stream per sequence.
+//!
+//! Each sequence id owns its own KV stream (`kv_unified = false`), laid out from position 0 the
+//! same way whatever else runs: that keeps a sequence's arithmetic, and so its output, identical
+//! alone and in a full batch (a shared, interleaved cache changes the order of the attention sums
+//! and with it the last bits of the logits).
 //!
 //! Flow of one forward step:
 //! 1. Take new commands (block only when nothing is running).
-//! 2. Drop the sequences of cancelled requests (their stream was dropped) and free their KV.
-//! 3. Admit waiting requests while sequence slots and KV cells allow. A request with `n` choices
-//!    gets `n` sequences (or as many as are free, the rest later); its prompt is added to the
-//!    batch once with every sequence id, so the choices share its KV cells and its last logits.
-//! 4. Build one batch: one token for every decoding sequence first, then prompt chunks of the
-//!    waiting-for-prompt sequences with what is left of `batch_size` (chunked prefill, so a long
-//!    prompt never stalls running streams).
-//! 5. Decode. If the KV cache has no room, pause the youngest request (free its cells; it
-//!    recomputes its tokens later, its output unchanged) and retry.
-//! 6. Sample each sequence that has logits; stream its text; finish it on end of turn, a stop
-//!    string, `max_tokens` or the context length.
+//! 2. Drop the sequences of cancelled requests (their stream was dropped) and clear their KV.
+//! 3. Admit waiting requests while sequence ids are free. A request with `n` choices gets `n`
+//!    sequences (or as many as are free, the rest later); the first computes the prompt, the
+//!    others copy its KV state and its last logits when it is done, so the prompt is evaluated
+//!    once for all of them.
+//! 4. Build one batch: one token for every decoding sequence first, then prompt chunks with what
+//!    is left of `batch_size` (chunked prefill, so a long prompt never stalls running streams).
+//! 5. Decode, then sample each sequence that has logits; stream its text; finish it on end of
+//!    turn, a stop string, `max_tokens` or the context length, and free its sequence id.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -24,7 +27,6 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::DecodeError;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::{backend, LoadedModel};
@@ -55,11 +57,11 @@ pub(crate) fn start(
             );
             let step = config.batch_size + config.max_sequences;
             let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(config.kv_cache_tokens))
+                .with_n_ctx(NonZeroU32::new(model.info.context_length * config.max_sequences))
                 .with_n_batch(step)
                 .with_n_ubatch(step)
                 .with_n_seq_max(config.max_sequences)
-                .with_kv_unified(true)
+                .with_kv_unified(false)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
             let backend = match backend() {
@@ -114,14 +116,9 @@ struct Seq {
     sampler: Sampler,
     decoder: Utf8Decoder,
     stops: StopMatcher,
-    /// Sequences that share this one's prompt and receive its tokens until the prompt is done.
-    followers: Vec<usize>,
-    /// This sequence follows a leader while the shared prompt is computed.
-    following: bool,
-    /// Prompt tokens whose cells belong to the leader of this sequence's request.
-    shared_prefix: usize,
-    /// Paused because the KV cache was full: recompute all tokens before going on.
-    paused: bool,
+    /// While set, this sequence waits for the sequence with this id to compute the shared
+    /// prompt, then copies its KV state.
+    leader: Option<i32>,
     /// Batch index of this sequence's logits after the current decode.
     logits_at: Option<i32>,
     done: bool,
@@ -135,7 +132,6 @@ struct Scheduler<'m> {
     active: Vec<Request>,
     seqs: Vec<Seq>,
     free_ids: Vec<i32>,
-    kv_size: usize,
     batch_size: usize,
     context_length: usize,
     gauges: Arc<Gauges>,
@@ -159,7 +155,6 @@ impl<'m> Scheduler<'m> {
             active: Vec::new(),
             seqs: Vec::new(),
             free_ids: (0..config.max_sequences as i32).rev().collect(),
-            kv_size: config.kv_cache_tokens as usize,
             batch_size: config.batch_size as usize,
             context_length: model.info.context_length as usize,
             gauges,
@@ -266,26 +261,6 @@ impl<'m> Scheduler<'m> {
             .ctx
             .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
         self.free_ids.push(seq.seq_id);
-        // Fix follower indices that pointed past the removed one.
-        for s in &mut self.seqs {
-            s.followers.retain(|&f| f != i);
-            for f in &mut s.followers {
-                if *f > i {
-                    *f -= 1;
-                }
-            }
-        }
-    }
-
-    /// Cells in use, as far as the scheduler can tell: a prompt shared by the choices of one
-    /// request counts once. (llama.cpp has the last word: a decode that finds no room pauses a
-    /// sequence.)
-    fn kv_used(&self) -> usize {
-        self.seqs
-            .iter()
-            .filter(|s| !s.following && !s.paused)
-            .map(|s| s.n_past.saturating_sub(s.shared_prefix))
-            .sum()
     }
 
     fn admit(&mut self) {
@@ -294,16 +269,12 @@ impl<'m> Scheduler<'m> {
                 return;
             }
             let prompt_len = front.generation.prompt.len();
-            let used = self.kv_used() + self.paused_need();
-            if used + prompt_len + 1 > self.kv_size && !self.seqs.is_empty() {
-                return;
-            }
             let Some(mut req) = self.waiting.pop_front() else {
                 return;
             };
             let remaining = req.generation.n - req.next_choice;
             let k = remaining.min(self.free_ids.len() as u32);
-            let leader_index = self.seqs.len();
+            let mut leader = None;
             for j in 0..k {
                 let Some(seq_id) = self.free_ids.pop() else {
                     break;
@@ -321,16 +292,12 @@ impl<'m> Scheduler<'m> {
                     sampler: Sampler::new(g.sampling.clone(), &g.prompt, u64::from(choice)),
                     decoder: Utf8Decoder::default(),
                     stops: StopMatcher::new(&g.stop),
-                    followers: Vec::new(),
-                    following: j > 0,
-                    shared_prefix: if j > 0 { prompt_len } else { 0 },
-                    paused: false,
+                    leader,
                     logits_at: None,
                     done: false,
                 });
+                leader = leader.or(Some(seq_id));
             }
-            let followers: Vec<usize> = (leader_index + 1..self.seqs.len()).collect();
-            self.seqs[leader_index].followers = followers;
             req.next_choice += k;
             if !req.admitted {
                 req.admitted = true;
@@ -359,14 +326,6 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn paused_need(&self) -> usize {
-        self.seqs
-            .iter()
-            .filter(|s| s.paused)
-            .map(|s| s.tokens.len())
-            .sum()
-    }
-
     /// Builds the batch; returns false when nothing could be added.
     fn build_batch(&mut self) -> Result<bool, String> {
         self.batch.clear();
@@ -374,7 +333,7 @@ impl<'m> Scheduler<'m> {
         // Decode tokens first: running streams never wait behind a prompt.
         for s in &mut self.seqs {
             s.logits_at = None;
-            if s.paused || s.following || s.done {
+            if s.leader.is_some() || s.done {
                 continue;
             }
             if s.n_past + 1 == s.tokens.len() && s.n_past >= s.prompt_len {
@@ -387,123 +346,64 @@ impl<'m> Scheduler<'m> {
                 n += 1;
             }
         }
-        // Then prompt chunks (and recomputation of paused sequences), oldest first.
+        // Then prompt chunks, oldest request first.
         let mut budget = self.batch_size.saturating_sub(n).max(1);
-        let mut kv_left = self.kv_size.saturating_sub(self.kv_used() + n);
-        for i in 0..self.seqs.len() {
+        for s in &mut self.seqs {
             if budget == 0 {
                 break;
             }
-            let s = &self.seqs[i];
-            if s.following || s.done || s.n_past + 1 == s.tokens.len() && s.n_past >= s.prompt_len {
+            // Only sequences with prompt tokens still to compute.
+            if s.leader.is_some() || s.done || s.logits_at.is_some() || s.n_past >= s.tokens.len() {
                 continue;
             }
-            if s.paused {
-                if s.tokens.len() > kv_left {
-                    continue;
-                }
-                self.seqs[i].paused = false;
-            }
-            let s = &self.seqs[i];
-            let mut ids = vec![s.seq_id];
-            ids.extend(s.followers.iter().map(|&f| self.seqs[f].seq_id));
-            let left = s.tokens.len() - s.n_past;
-            let take = left.min(budget);
             let start = s.n_past;
+            let take = (s.tokens.len() - start).min(budget);
             for p in start..start + take {
                 let last = p + 1 == s.tokens.len();
                 self.batch
-                    .add(LlamaToken(s.tokens[p] as i32), p as i32, &ids, last)
+                    .add(LlamaToken(s.tokens[p] as i32), p as i32, &[s.seq_id], last)
                     .map_err(|e| e.to_string())?;
                 n += 1;
             }
-            let s = &mut self.seqs[i];
             if start + take == s.tokens.len() {
                 s.logits_at = Some(n as i32 - 1);
             }
             s.n_past += take;
             budget -= take;
-            kv_left = kv_left.saturating_sub(take);
         }
         Ok(n > 0)
     }
 
     fn step(&mut self) -> Result<(), String> {
-        loop {
-            if !self.build_batch()? {
-                // Everything is paused: resume the oldest by force.
-                if let Some(s) = self.seqs.iter_mut().find(|s| s.paused) {
-                    s.paused = false;
-                    continue;
-                }
-                return Ok(());
-            }
-            match self.ctx.decode(&mut self.batch) {
-                Ok(()) => break,
-                Err(DecodeError::NoKvCacheSlot) => {
-                    self.undo_batch();
-                    if !self.pause_youngest() {
-                        return Err("KV cache too small for a single sequence".into());
-                    }
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+        if !self.build_batch()? {
+            return Ok(());
         }
-        // Followers take the leader's state once the shared prompt is in.
-        for i in 0..self.seqs.len() {
-            if self.seqs[i].logits_at.is_some() && !self.seqs[i].followers.is_empty() {
-                let (n_past, at) = (self.seqs[i].n_past, self.seqs[i].logits_at);
-                let followers = std::mem::take(&mut self.seqs[i].followers);
-                for f in followers {
-                    let fs = &mut self.seqs[f];
-                    fs.n_past = n_past;
-                    fs.following = false;
-                    fs.logits_at = at;
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| e.to_string())?;
+        // Choices waiting on a shared prompt take its KV state and logits once it is in.
+        let ready: Vec<(i32, usize, i32)> = self
+            .seqs
+            .iter()
+            .filter_map(|s| s.logits_at.map(|at| (s.seq_id, s.n_past, at)))
+            .collect();
+        for (leader, n_past, at) in ready {
+            for i in 0..self.seqs.len() {
+                if self.seqs[i].leader == Some(leader) {
+                    let id = self.seqs[i].seq_id;
+                    self.ctx
+                        .copy_kv_cache_seq(leader, id, None, None)
+                        .map_err(|e| e.to_string())?;
+                    let f = &mut self.seqs[i];
+                    f.n_past = n_past;
+                    f.leader = None;
+                    f.logits_at = Some(at);
                 }
             }
         }
         self.sample_all();
         self.reap();
         Ok(())
-    }
-
-    /// The batch was not applied: roll back the positions it would have advanced.
-    fn undo_batch(&mut self) {
-        for s in &mut self.seqs {
-            // What llama.cpp really holds for this sequence.
-            let held = self.ctx.kv_cache_seq_pos_max(s.seq_id) + 1;
-            s.n_past = usize::try_from(held).unwrap_or(0);
-            s.logits_at = None;
-        }
-    }
-
-    /// Pauses the most recently admitted running sequence (and any that follow it); false when
-    /// fewer than two are running, so pausing cannot help.
-    fn pause_youngest(&mut self) -> bool {
-        let running: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| !self.seqs[i].paused && !self.seqs[i].done && !self.seqs[i].following)
-            .collect();
-        if running.len() < 2 {
-            return false;
-        }
-        let Some(&victim) = running.last() else {
-            return false;
-        };
-        tracing::debug!(seq = self.seqs[victim].seq_id, "KV cache full: pausing a sequence");
-        let mut group = std::mem::take(&mut self.seqs[victim].followers);
-        group.push(victim);
-        for i in group {
-            let s = &mut self.seqs[i];
-            let _ = self
-                .ctx
-                .clear_kv_cache_seq(Some(s.seq_id as u32), None, None);
-            s.n_past = 0;
-            s.paused = true;
-            s.following = false;
-            s.shared_prefix = 0;
-            s.logits_at = None;
-        }
-        true
     }
 
     fn sample_all(&mut self) {

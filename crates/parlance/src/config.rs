@@ -41,9 +41,7 @@ pub struct FileConfig {
 pub struct EngineSection {
     /// Sequences decoded together.
     pub max_sequences: Option<u32>,
-    /// KV-cache cells shared by all sequences.
-    pub kv_cache_tokens: Option<u32>,
-    /// Longest context of one request.
+    /// Longest context of one request (each sequence holds this many KV cells).
     pub context_length: Option<u32>,
     /// Tokens per forward step.
     pub batch_size: Option<u32>,
@@ -58,7 +56,6 @@ impl EngineSection {
     pub fn or(&self, other: &EngineSection) -> EngineSection {
         EngineSection {
             max_sequences: self.max_sequences.or(other.max_sequences),
-            kv_cache_tokens: self.kv_cache_tokens.or(other.kv_cache_tokens),
             context_length: self.context_length.or(other.context_length),
             batch_size: self.batch_size.or(other.batch_size),
             threads: self.threads.or(other.threads),
@@ -71,7 +68,6 @@ impl EngineSection {
         let d = EngineConfig::default();
         let c = EngineConfig {
             max_sequences: self.max_sequences.unwrap_or(d.max_sequences),
-            kv_cache_tokens: self.kv_cache_tokens.unwrap_or(d.kv_cache_tokens),
             context_length: self.context_length.or(d.context_length),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             threads: self.threads.or(d.threads),
@@ -80,8 +76,8 @@ impl EngineSection {
         if c.max_sequences == 0 || c.max_sequences > 256 {
             bail!("max_sequences must be between 1 and 256");
         }
-        if c.kv_cache_tokens < 256 {
-            bail!("kv_cache_tokens must be at least 256");
+        if c.context_length.is_some_and(|n| n < 64) {
+            bail!("context_length must be at least 64");
         }
         if c.batch_size == 0 {
             bail!("batch_size must be at least 1");

@@ -39,10 +39,8 @@ pub struct ServeArgs {
     /// Sequences decoded together in one forward step [default: 16].
     #[arg(long, env = "PARLANCE_MAX_SEQUENCES")]
     max_sequences: Option<u32>,
-    /// KV-cache cells shared by all sequences of a model [default: 8192].
-    #[arg(long, env = "PARLANCE_KV_CACHE_TOKENS")]
-    kv_cache_tokens: Option<u32>,
-    /// Longest prompt plus completion of one request [default: the model's, capped by the KV cache].
+    /// Longest prompt plus completion of one request; each sequence holds this many KV cells
+    /// [default: the model's, capped at 2048].
     #[arg(long, env = "PARLANCE_CONTEXT_LENGTH")]
     context_length: Option<u32>,
     /// Tokens per forward step [default: 512].
@@ -71,7 +69,7 @@ pub struct ServeArgs {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,llama_cpp_2=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn,llama_cpp_2=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -112,7 +110,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let flags = EngineSection {
         max_sequences: args.max_sequences,
-        kv_cache_tokens: args.kv_cache_tokens,
         context_length: args.context_length,
         batch_size: args.batch_size,
         threads: args.threads,

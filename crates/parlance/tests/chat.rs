@@ -316,7 +316,7 @@ async fn api_prefix_alias_and_models() {
     assert_eq!(list["object"], "list");
     let m = list["data"].as_array().unwrap().iter().find(|m| m["id"] == MODEL).unwrap().clone();
     assert_eq!(m["object"], "model");
-    assert_eq!(m["context_length"], 8192);
+    assert_eq!(m["context_length"], 2048);
     validate_with_spec(&list.to_string());
     let one: Value = client().get(s.url(&format!("/v1/models/{MODEL}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(one, m);

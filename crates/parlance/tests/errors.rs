@@ -62,7 +62,7 @@ async fn invalid_requests_get_the_envelope() {
         }
     }
     // A prompt longer than the context: 400 context_length_exceeded, never truncation.
-    let long = "word ".repeat(9000);
+    let long = "word ".repeat(3000);
     let (got, v) = raw(&s, &json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}).to_string()).await;
     assert_eq!(got, 400);
     assert_eq!(v["error"]["code"], "context_length_exceeded");
@@ -135,7 +135,7 @@ async fn read_chunks(r: reqwest::Response, count: usize) -> impl Sized {
 
 fn long_stream() -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
-           "max_tokens": 7000, "ignore_eos": true, "stream": true})
+           "max_tokens": 2000, "ignore_eos": true, "stream": true})
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
     assert_eq!(v["error"]["code"], "overloaded");
     assert_envelope(&v);
     // Dropping A's connection cancels its generation: B (queued behind it) then completes,
-    // long before A's 7000 tokens could have been generated.
+    // long before A's 2000 tokens could have been generated.
     drop(a);
     let b = tokio::time::timeout(Duration::from_secs(60), b).await.expect("B never ran: A was not cancelled").unwrap();
     assert_eq!(b.status(), 200);
@@ -209,11 +209,11 @@ async fn several_models_at_once() {
     let path = model_path();
     let a = format!("alpha={}", path.display());
     let b = format!("beta={}", path.display());
-    let s = Server::start_raw(&["serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof", "--model", &a, "--model", &b, "--kv-cache-tokens", "2048"]);
+    let s = Server::start_raw(&["serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof", "--model", &a, "--model", &b, "--context-length", "1024"]);
     let list: Value = client().get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
     let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["alpha", "beta"]);
-    assert_eq!(list["data"][0]["context_length"], 2048);
+    assert_eq!(list["data"][0]["context_length"], 1024);
     for m in ["alpha", "beta"] {
         let body = json!({"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
         let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
