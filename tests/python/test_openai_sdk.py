@@ -71,12 +71,12 @@ def test_stream_accumulates_and_matches_plain(client: OpenAI):
 
 
 def test_stream_helper(client: OpenAI):
-    with client.beta.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=8, seed=3) as s:
-        for _ in s:
-            pass
+    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                        max_tokens=200, temperature=0) as s:
+        deltas = [e.delta for e in s if e.type == "content.delta"]
         final = s.get_final_completion()
-    assert final.choices[0].message.content is not None
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content == "".join(deltas)
 
 
 def test_stream_raw_matches_spec(server):

@@ -289,7 +289,9 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         Some(k) => {
             return Err(ApiError::invalid(
                 "top_k",
-                format!("Invalid value for 'top_k': {k}. Expected -1, 0 (off) or a positive integer."),
+                format!(
+                    "Invalid value for 'top_k': {k}. Expected -1, 0 (off) or a positive integer."
+                ),
             ))
         }
     };
@@ -299,7 +301,9 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         Some(p) => {
             return Err(ApiError::invalid(
                 "repetition_penalty",
-                format!("Invalid value for 'repetition_penalty': {p}. Expected a value in (0, 10]."),
+                format!(
+                    "Invalid value for 'repetition_penalty': {p}. Expected a value in (0, 10]."
+                ),
             ))
         }
     };
@@ -443,7 +447,9 @@ fn parse_stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
     }
 }
 
-fn parse_metadata(v: Option<BTreeMap<String, Value>>) -> Result<BTreeMap<String, String>, ApiError> {
+fn parse_metadata(
+    v: Option<BTreeMap<String, Value>>,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(map) = v else {
         return Ok(BTreeMap::new());
     };
@@ -548,7 +554,10 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
         }
         Some(_) => {
             return Err(ApiError::malformed(
-                format!("Invalid type for '{}': expected a string or an array of content parts.", at("content")),
+                format!(
+                    "Invalid type for '{}': expected a string or an array of content parts.",
+                    at("content")
+                ),
                 Some(at("content")),
             ))
         }
@@ -563,7 +572,10 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
     if let Some(tc) = &tool_calls {
         if !tc.is_array() {
             return Err(ApiError::malformed(
-                format!("Invalid type for '{}': expected an array.", at("tool_calls")),
+                format!(
+                    "Invalid type for '{}': expected an array.",
+                    at("tool_calls")
+                ),
                 Some(at("tool_calls")),
             ));
         }
@@ -826,7 +838,9 @@ mod tests {
     #[test]
     fn defaults_are_openais() {
         let r = parse(base()).map_err(|e| e.to_string());
-        let r = r.as_ref().map(|r| (r.temperature, r.top_p, r.n, r.stream, r.max_tokens));
+        let r = r
+            .as_ref()
+            .map(|r| (r.temperature, r.top_p, r.n, r.stream, r.max_tokens));
         assert_eq!(r, Ok((1.0, 1.0, 1, false, None)));
     }
 
@@ -836,13 +850,24 @@ mod tests {
         b["max_tokens"] = json!(10);
         b["max_completion_tokens"] = json!(5);
         assert_eq!(parse(b).ok().and_then(|r| r.max_tokens), Some(5));
-        assert_eq!(parse(with("max_tokens", json!(7))).ok().and_then(|r| r.max_tokens), Some(7));
+        assert_eq!(
+            parse(with("max_tokens", json!(7)))
+                .ok()
+                .and_then(|r| r.max_tokens),
+            Some(7)
+        );
     }
 
     #[test]
     fn stop_forms() {
-        assert_eq!(parse(with("stop", json!("x"))).ok().map(|r| r.stop), Some(vec!["x".into()]));
-        assert_eq!(parse(with("stop", Value::Null)).ok().map(|r| r.stop), Some(vec![]));
+        assert_eq!(
+            parse(with("stop", json!("x"))).ok().map(|r| r.stop),
+            Some(vec!["x".into()])
+        );
+        assert_eq!(
+            parse(with("stop", Value::Null)).ok().map(|r| r.stop),
+            Some(vec![])
+        );
         let e = err(with("stop", json!(["a", "b", "c", "d", "e"])));
         assert_eq!(e.param().as_deref(), Some("stop"));
         assert_eq!(e.status(Default::default()), 400);
@@ -891,11 +916,21 @@ mod tests {
     #[test]
     fn logit_bias_validated() {
         assert_eq!(
-            parse(with("logit_bias", json!({"42": -100}))).ok().map(|r| r.logit_bias),
+            parse(with("logit_bias", json!({"42": -100})))
+                .ok()
+                .map(|r| r.logit_bias),
             Some(vec![(42, -100.0)])
         );
-        assert_eq!(err(with("logit_bias", json!({"x": 1}))).param().as_deref(), Some("logit_bias"));
-        assert_eq!(err(with("logit_bias", json!({"1": 101}))).param().as_deref(), Some("logit_bias"));
+        assert_eq!(
+            err(with("logit_bias", json!({"x": 1}))).param().as_deref(),
+            Some("logit_bias")
+        );
+        assert_eq!(
+            err(with("logit_bias", json!({"1": 101})))
+                .param()
+                .as_deref(),
+            Some("logit_bias")
+        );
     }
 
     #[test]
@@ -909,9 +944,16 @@ mod tests {
 
     #[test]
     fn content_parts() {
-        let r = parse(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}));
-        assert_eq!(r.ok().and_then(|r| r.messages[0].content.clone()), Some("ab".into()));
-        let e = err(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}));
+        let r = parse(
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}),
+        );
+        assert_eq!(
+            r.ok().and_then(|r| r.messages[0].content.clone()),
+            Some("ab".into())
+        );
+        let e = err(
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        );
         assert_eq!(e.param().as_deref(), Some("messages[0].content[1].type"));
         assert_eq!(e.status(Default::default()), 400);
     }
@@ -919,10 +961,22 @@ mod tests {
     #[test]
     fn unknown_fields_ignored_known_unhonoured_refused() {
         assert!(parse(with("some_future_field", json!({"a": 1}))).is_ok());
-        assert_eq!(err(with("tools", json!([]))).param().as_deref(), Some("tools"));
-        assert_eq!(err(with("tool_choice", json!("auto"))).param().as_deref(), Some("tool_choice"));
-        assert_eq!(err(with("top_logprobs", json!(2))).param().as_deref(), Some("top_logprobs"));
-        assert_eq!(err(with("store", json!(true))).code(), Some("unsupported_parameter"));
+        assert_eq!(
+            err(with("tools", json!([]))).param().as_deref(),
+            Some("tools")
+        );
+        assert_eq!(
+            err(with("tool_choice", json!("auto"))).param().as_deref(),
+            Some("tool_choice")
+        );
+        assert_eq!(
+            err(with("top_logprobs", json!(2))).param().as_deref(),
+            Some("top_logprobs")
+        );
+        assert_eq!(
+            err(with("store", json!(true))).code(),
+            Some("unsupported_parameter")
+        );
         assert!(parse(with("store", json!(false))).is_ok());
         assert!(parse(with("reasoning_effort", json!("low"))).is_ok());
     }
@@ -938,10 +992,19 @@ mod tests {
 
     #[test]
     fn metadata_limits() {
-        let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
-        assert_eq!(err(with("metadata", Value::Object(many))).param().as_deref(), Some("metadata"));
+        let many: serde_json::Map<String, Value> =
+            (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert_eq!(
+            err(with("metadata", Value::Object(many)))
+                .param()
+                .as_deref(),
+            Some("metadata")
+        );
         assert!(parse(with("metadata", json!({"a": "b"}))).is_ok());
-        assert_eq!(err(with("metadata", json!({"a": 1}))).param().as_deref(), Some("metadata.a"));
+        assert_eq!(
+            err(with("metadata", json!({"a": 1}))).param().as_deref(),
+            Some("metadata.a")
+        );
     }
 
     #[test]
@@ -962,7 +1025,10 @@ mod tests {
         assert_eq!(v.get("usage"), Some(&Value::Null));
         let v = serde_json::to_value(mk(UsageField::Set(Usage::new(3, 1, 2)))).unwrap_or_default();
         assert_eq!(v["usage"]["total_tokens"], json!(5));
-        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], json!(1));
+        assert_eq!(
+            v["usage"]["prompt_tokens_details"]["cached_tokens"],
+            json!(1)
+        );
     }
 
     mod props {

@@ -82,7 +82,6 @@ impl LoadedModel {
             fingerprint,
             max_sequences: config.max_sequences,
         };
-        drop(vocab);
         Ok(Self {
             model,
             template,
@@ -95,7 +94,8 @@ impl LoadedModel {
 
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
         // Templates that write the BOS token themselves must not get a second one.
-        let add_special = self.add_bos && !(text.starts_with(&self.bos_text) && !self.bos_text.is_empty());
+        let writes_bos = !self.bos_text.is_empty() && text.starts_with(&self.bos_text);
+        let add_special = self.add_bos && !writes_bos;
         self.model
             .vocab()
             .tokenize(text.as_bytes(), add_special, true)
@@ -108,9 +108,7 @@ impl LoadedModel {
     pub fn piece(&self, token: u32, buf: &mut Vec<u8>) {
         buf.clear();
         let t = LlamaToken(i32::try_from(token).unwrap_or(0));
-        self.model
-            .vocab()
-            .token_to_piece_into(t, buf, false, None);
+        self.model.vocab().token_to_piece_into(t, buf, false, None);
     }
 }
 

@@ -57,7 +57,9 @@ pub(crate) fn start(
             );
             let step = config.batch_size + config.max_sequences;
             let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(model.info.context_length * config.max_sequences))
+                .with_n_ctx(NonZeroU32::new(
+                    model.info.context_length * config.max_sequences,
+                ))
                 .with_n_batch(step)
                 .with_n_ubatch(step)
                 .with_n_seq_max(config.max_sequences)
@@ -417,7 +419,11 @@ impl<'m> Scheduler<'m> {
                 continue;
             };
             let g = &req.generation;
-            let banned = if g.ignore_eos { &self.model.eog } else { &ban_eog };
+            let banned = if g.ignore_eos {
+                &self.model.eog
+            } else {
+                &ban_eog
+            };
             let max_tokens = g.max_tokens;
             let tx = req.tx.clone();
             let logits = self.ctx.get_logits_ith(at);

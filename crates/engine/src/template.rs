@@ -59,10 +59,8 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let messages: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|m| self.normalise_message(m))
-            .collect();
+        let messages: Vec<serde_json::Value> =
+            messages.iter().map(|m| self.normalise_message(m)).collect();
         let tmpl = self.env.get_template("chat")?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(&messages),
@@ -159,13 +157,10 @@ mod tests {
 
     #[test]
     fn raise_exception_surfaces_the_templates_message() {
-        let err = render(
-            GEMMA_LIKE,
-            json!([{"role": "assistant", "content": "A"}]),
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        let err = render(GEMMA_LIKE, json!([{"role": "assistant", "content": "A"}]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("must alternate"), "{err}");
     }
 

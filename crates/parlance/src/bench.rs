@@ -58,13 +58,17 @@ struct Client {
     key: Option<String>,
 }
 
-const PROMPT: &str = "Write a long story about a lighthouse keeper who finds a message in a bottle.";
+const PROMPT: &str =
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.";
 
 impl Client {
     async fn stream_one(&self, body: &Value) -> Sample {
         let start = Instant::now();
         let mut s = Sample::default();
-        let mut req = self.http.post(format!("{}/chat/completions", self.url)).json(body);
+        let mut req = self
+            .http
+            .post(format!("{}/chat/completions", self.url))
+            .json(body);
         if let Some(k) = &self.key {
             req = req.bearer_auth(k);
         }
@@ -156,7 +160,9 @@ fn ms(d: Duration) -> f64 {
 #[expect(clippy::print_stdout, reason = "the bench prints its table")]
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runs = args.runs.max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let client = Arc::new(Client {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(256)
@@ -168,7 +174,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !matches!(w.as_str(), "w1" | "w2" | "all") {
         bail!("--workload must be w1, w2 or all");
     }
-    println!("parlance bench: {} model={} max_tokens={} runs={runs}", args.url, args.model, args.max_tokens);
+    println!(
+        "parlance bench: {} model={} max_tokens={} runs={runs}",
+        args.url, args.model, args.max_tokens
+    );
     rt.block_on(async {
         // Warm up: one short request so that nothing measured pays for first-use costs.
         let mut warm = body(&args, "Hi");
@@ -256,9 +265,16 @@ async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Ro
         }
     }
     let wall = start.elapsed().as_secs_f64();
-    let tokens: u64 = samples.iter().filter(|s| s.ok).map(|s| u64::from(s.tokens)).sum();
+    let tokens: u64 = samples
+        .iter()
+        .filter(|s| s.ok)
+        .map(|s| u64::from(s.tokens))
+        .sum();
     let mut ttft: Vec<f64> = samples.iter().filter_map(|s| s.ttft).map(ms).collect();
-    let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.gaps.iter().copied().map(ms)).collect();
+    let mut itl: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.gaps.iter().copied().map(ms))
+        .collect();
     Row {
         tps: tokens as f64 / wall.max(1e-9),
         ttft_p50: pct(&mut ttft, 0.5),

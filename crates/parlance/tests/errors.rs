@@ -1,7 +1,12 @@
 //! End-to-end: every failure in OpenAI's envelope with the right status, authentication,
 //! overload, client disconnect, graceful shutdown, several models at once.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 mod common;
 
@@ -63,14 +68,22 @@ async fn invalid_requests_get_the_envelope() {
     }
     // A prompt longer than the context: 400 context_length_exceeded, never truncation.
     let long = "word ".repeat(3000);
-    let (got, v) = raw(&s, &json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}).to_string()).await;
+    let (got, v) = raw(
+        &s,
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}).to_string(),
+    )
+    .await;
     assert_eq!(got, 400);
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     // Unknown routes and methods, in the envelope too.
     let r = client().get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_envelope(&r.json().await.unwrap());
-    let r = client().get(s.url("/v1/chat/completions")).send().await.unwrap();
+    let r = client()
+        .get(s.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert_envelope(&r.json().await.unwrap());
 }
@@ -78,7 +91,12 @@ async fn invalid_requests_get_the_envelope() {
 #[tokio::test]
 async fn invalid_values_can_be_422() {
     let s = Server::start(&["--invalid-value-status", "422"]);
-    let (got, v) = raw(&s, &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}).to_string()).await;
+    let (got, v) = raw(
+        &s,
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3})
+            .to_string(),
+    )
+    .await;
     assert_eq!(got, 422, "{v}");
     assert_eq!(v["error"]["param"], "temperature");
     // A malformed body stays 400.
@@ -89,7 +107,8 @@ async fn invalid_values_can_be_422() {
 #[tokio::test]
 async fn api_keys_are_required_when_configured() {
     let s = Server::start(&["--api-key", "sk-test-1", "--api-key", "sk-test-2"]);
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     let send = |key: Option<&'static str>| {
         let mut r = client().post(s.url("/v1/chat/completions")).json(&body);
         if let Some(k) = key {
@@ -107,7 +126,15 @@ async fn api_keys_are_required_when_configured() {
     let r = client().get(s.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     // Health checks need no key.
-    assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client()
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -142,12 +169,23 @@ fn long_stream() -> Value {
 async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
     let s = Server::start(&["--max-sequences", "1", "--max-queue", "1"]);
     // A occupies the only sequence; B waits in the only queue place.
-    let a = client().post(s.url("/v1/chat/completions")).json(&long_stream()).send().await.unwrap();
+    let a = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&long_stream())
+        .send()
+        .await
+        .unwrap();
     let a = read_chunks(a, 3).await;
-    let b_body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let b_body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
     let base = s.base.clone();
     let b = tokio::spawn(async move {
-        client().post(format!("{base}/v1/chat/completions")).json(&b_body).send().await.unwrap()
+        client()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&b_body)
+            .send()
+            .await
+            .unwrap()
     });
     // Give B time to reach the queue, then C must be refused.
     let mut refused = None;
@@ -167,7 +205,10 @@ async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
     // Dropping A's connection cancels its generation: B (queued behind it) then completes,
     // long before A's 2000 tokens could have been generated.
     drop(a);
-    let b = tokio::time::timeout(Duration::from_secs(60), b).await.expect("B never ran: A was not cancelled").unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(60), b)
+        .await
+        .expect("B never ran: A was not cancelled")
+        .unwrap();
     assert_eq!(b.status(), 200);
 }
 
@@ -176,7 +217,12 @@ async fn error_after_stream_start_and_shutdown_finishes_streams() {
     let s = Server::start(&["--shutdown-grace-seconds", "60"]);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell a story."}],
                       "max_tokens": 60, "ignore_eos": true, "stream": true});
-    let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "));
@@ -187,7 +233,11 @@ async fn error_after_stream_start_and_shutdown_finishes_streams() {
         rest.push_str(&String::from_utf8_lossy(&b));
     }
     let data = sse_data(&rest);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "stream was cut by shutdown");
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream was cut by shutdown"
+    );
     let mut s = s;
     let status = wait_exit(&mut s.child, Duration::from_secs(30));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
@@ -209,14 +259,43 @@ async fn several_models_at_once() {
     let path = model_path();
     let a = format!("alpha={}", path.display());
     let b = format!("beta={}", path.display());
-    let s = Server::start_raw(&["serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof", "--model", &a, "--model", &b, "--context-length", "1024"]);
-    let list: Value = client().get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let s = Server::start_raw(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--exit-on-stdin-eof",
+        "--model",
+        &a,
+        "--model",
+        &b,
+        "--context-length",
+        "1024",
+    ]);
+    let list: Value = client()
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["alpha", "beta"]);
     assert_eq!(list["data"][0]["context_length"], 1024);
     for m in ["alpha", "beta"] {
-        let body = json!({"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
-        let r = client().post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        let body =
+            json!({"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+        let r = client()
+            .post(s.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["model"], m);

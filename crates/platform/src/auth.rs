@@ -76,7 +76,10 @@ mod tests {
     fn keys_checked() {
         let k = StaticKeys::new(["sk-a", "sk-b", ""]);
         assert_eq!(k.authenticate(Some("sk-b")).map(|p| p.key), Ok(Some(1)));
-        assert_eq!(k.authenticate(Some("sk-c")).map_err(|e| e.code()), Err(Some("invalid_api_key")));
+        assert_eq!(
+            k.authenticate(Some("sk-c")).map_err(|e| e.code()),
+            Err(Some("invalid_api_key"))
+        );
         assert!(k.authenticate(None).is_err());
         let open = StaticKeys::new(Vec::<String>::new());
         assert_eq!(open.authenticate(None), Ok(Principal { key: None }));

@@ -23,7 +23,9 @@ pub struct Platform {
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Platform").field("catalog", &self.catalog).finish()
+        f.debug_struct("Platform")
+            .field("catalog", &self.catalog)
+            .finish()
     }
 }
 

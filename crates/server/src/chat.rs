@@ -160,7 +160,11 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                 vec![chunk(&m, vec![delta(choice, d, None)], none)]
             }
             ChatEvent::Finish { choice, reason } => {
-                vec![chunk(&m, vec![delta(choice, Delta::default(), Some(reason))], none)]
+                vec![chunk(
+                    &m,
+                    vec![delta(choice, Delta::default(), Some(reason))],
+                    none,
+                )]
             }
             ChatEvent::Usage(u) => {
                 let mut v = Vec::new();

@@ -43,11 +43,22 @@ impl Server {
     /// Starts the server serving the default model as `smollm2`, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Server {
         let model = format!("{MODEL}={}", model_path().display());
-        let mut args = vec!["serve", "--addr", "127.0.0.1:0", "--model", &model, "--exit-on-stdin-eof"];
+        let mut args = vec![
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--exit-on-stdin-eof",
+        ];
         args.extend_from_slice(extra);
         Self::start_raw(&args)
     }
 
+    #[expect(
+        clippy::zombie_processes,
+        reason = "Server's Drop kills the child and waits for it"
+    )]
     pub fn start_raw(args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_parlance"))
             .args(args)
@@ -132,7 +143,10 @@ pub async fn post(server: &Server, body: &Value) -> (u16, reqwest::header::Heade
 }
 
 /// Posts a streaming request; returns the status, headers and every `data:` payload in order.
-pub async fn post_stream(server: &Server, body: &Value) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
+pub async fn post_stream(
+    server: &Server,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Vec<String>) {
     let r = client()
         .post(server.url("/v1/chat/completions"))
         .json(body)
@@ -175,7 +189,8 @@ pub fn content(v: &Value) -> String {
 
 /// Validates a JSON or SSE payload against OpenAI's published spec with the shared tool.
 pub fn validate_with_spec(payload: &str) {
-    let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/validate_schema.py");
+    let tool =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/validate_schema.py");
     assert!(tool.is_file(), "missing {}", tool.display());
     let mut child = Command::new("python3")
         .arg(&tool)
