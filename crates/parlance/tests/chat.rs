@@ -182,6 +182,18 @@ async fn n_choices_share_the_prompt_and_sum_usage() {
     assert_eq!(v["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
     validate_with_spec(&v.to_string());
 
+    // Greedy choices continue the one shared prompt evaluation: all equal the n = 1 answer.
+    let mut g = greedy("Name a fruit.", 10);
+    let (_, _, single) = post(s, &g).await;
+    g["n"] = json!(3);
+    let (_, _, many) = post(s, &g).await;
+    for c in many["choices"].as_array().unwrap() {
+        assert_eq!(
+            c["message"]["content"],
+            single["choices"][0]["message"]["content"]
+        );
+    }
+
     // Streamed: each choice gets its role once and its own finish chunk.
     body["stream"] = json!(true);
     let (_, _, data) = post_stream(s, &body).await;
@@ -386,24 +398,8 @@ async fn api_prefix_alias_and_models() {
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
-    assert_eq!(
-        client()
-            .get(s.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client()
-            .get(s.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_status(s, "/healthz").await, 200);
+    assert_eq!(get_status(s, "/readyz").await, 200);
 }
 
 #[tokio::test]

@@ -126,15 +126,7 @@ async fn api_keys_are_required_when_configured() {
     let r = client().get(s.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     // Health checks need no key.
-    assert_eq!(
-        client()
-            .get(s.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&s, "/healthz").await, 200);
 }
 
 #[tokio::test]
@@ -213,7 +205,7 @@ async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
 }
 
 #[tokio::test]
-async fn error_after_stream_start_and_shutdown_finishes_streams() {
+async fn shutdown_lets_in_flight_streams_finish() {
     let s = Server::start(&["--shutdown-grace-seconds", "60"]);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell a story."}],
                       "max_tokens": 60, "ignore_eos": true, "stream": true});

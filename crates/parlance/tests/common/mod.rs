@@ -124,6 +124,17 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// The status of a GET.
+pub async fn get_status(server: &Server, path: &str) -> u16 {
+    client()
+        .get(server.url(path))
+        .send()
+        .await
+        .expect("send")
+        .status()
+        .as_u16()
+}
+
 /// A chat request body for the test model.
 pub fn chat(content: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
