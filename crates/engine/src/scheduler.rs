@@ -380,9 +380,16 @@ impl<'m> Scheduler<'m> {
         if !self.build_batch()? {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| e.to_string())?;
+        tracing::trace!(
+            tokens = self.batch.n_tokens(),
+            sequences = self.seqs.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "forward step"
+        );
         // Choices waiting on a shared prompt take its KV state and logits once it is in.
         let ready: Vec<(i32, usize, i32)> = self
             .seqs

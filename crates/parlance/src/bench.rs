@@ -189,7 +189,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if w == "w1" || w == "all" {
             let (mut tps, mut ttft) = (Vec::new(), Vec::new());
             for _ in 0..runs {
-                let s = client.stream_one(&body(&args, PROMPT)).await;
+                // A fresh prefix each run, so no server answers W1 from a prompt cache.
+                let nonce = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let s = client.stream_one(&body(&args, &format!("[{nonce}] {PROMPT}"))).await;
                 let t = s.ttft.context("W1 request produced no tokens")?;
                 let decode = s.total.saturating_sub(t).as_secs_f64();
                 tps.push(f64::from(s.tokens.saturating_sub(1)) / decode.max(1e-9));
@@ -245,7 +249,7 @@ async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Ro
         let next = next.clone();
         let total = args.requests;
         let prompts: Vec<Value> = (0..total)
-            .map(|i| body(args, &format!("{PROMPT} (variation {i})")))
+            .map(|i| body(args, &format!("[{concurrency}.{i}] {PROMPT}")))
             .collect();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
