@@ -117,3 +117,19 @@ def test_models(client: OpenAI):
     m = client.models.retrieve(MODEL)
     strict(m)
     assert m.model_extra.get("context_length") == 2048
+
+
+def test_logprobs(client: OpenAI):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    strict(r)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp)
+    assert "".join(t.token for t in lp) == r.choices[0].message.content
+    text = ""
+    for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=6, temperature=0, logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            text += "".join(t.token for t in chunk.choices[0].logprobs.content)
+    assert text == r.choices[0].message.content

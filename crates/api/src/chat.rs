@@ -52,6 +52,8 @@ pub struct ChatRequest {
     pub ignore_eos: bool,
     /// Reasoning effort; models without a thinking mode accept it with no effect.
     pub reasoning_effort: Option<ReasoningEffort>,
+    /// `logprobs: true`, with `top_logprobs` alternatives per token (0–20).
+    pub logprobs: Option<u32>,
 }
 
 /// `reasoning_effort` values.
@@ -328,9 +330,17 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
             "'top_logprobs' is only allowed when 'logprobs' is true.",
         ));
     }
-    if raw.logprobs == Some(true) {
-        return Err(unsupported("logprobs", "(token log probabilities)"));
-    }
+    let logprobs = match (raw.logprobs, raw.top_logprobs) {
+        (Some(true), None) => Some(0),
+        (Some(true), Some(k)) if (0..=20).contains(&k) => Some(k as u32),
+        (Some(true), Some(k)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("Invalid value for 'top_logprobs': {k} is not between 0 and 20."),
+            ))
+        }
+        _ => None,
+    };
     if let Some(tools) = &raw.tools {
         if tools.is_empty() {
             return Err(ApiError::invalid(
@@ -414,6 +424,7 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         repetition_penalty,
         ignore_eos: raw.ignore_eos.unwrap_or(false),
         reasoning_effort,
+        logprobs,
     })
 }
 
@@ -720,10 +731,43 @@ pub struct Choice {
     pub index: u32,
     /// The answer.
     pub message: AssistantMessage,
-    /// Token log probabilities, or null.
-    pub logprobs: Option<Value>,
+    /// Token log probabilities, or null when not asked for.
+    pub logprobs: Option<ChoiceLogprobs>,
     /// Why it ended.
     pub finish_reason: FinishReason,
+}
+
+/// `logprobs` of a choice or a chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChoiceLogprobs {
+    /// One entry per content token.
+    pub content: Vec<TokenLogprob>,
+    /// Always null here.
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+/// One token's log probability.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    /// The token's text (lossy where it is part of a UTF-8 character).
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative in `top_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// The assistant's message.
@@ -792,8 +836,8 @@ pub struct ChunkChoice {
     pub index: u32,
     /// What is new.
     pub delta: Delta,
-    /// Token log probabilities, or null.
-    pub logprobs: Option<Value>,
+    /// Log probabilities of the tokens of this delta, or null.
+    pub logprobs: Option<ChoiceLogprobs>,
     /// Set on the choice's last chunk only.
     pub finish_reason: Option<FinishReason>,
 }

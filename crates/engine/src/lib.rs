@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-pub use sampling::SamplingParams;
+pub use sampling::{log_probs, SamplingParams};
 pub use template::{ChatTemplate, TemplateError};
-pub use text::{StopMatcher, StopOutcome, Utf8Decoder};
+pub use text::{AlignedQueue, StopMatcher, StopOutcome, Utf8Decoder};
 
 use model::LoadedModel;
 
@@ -82,6 +82,19 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// Never end on the model's end-of-generation tokens (they are banned instead).
     pub ignore_eos: bool,
+    /// Report log probabilities, with this many most likely alternatives per token.
+    pub logprobs: Option<u32>,
+}
+
+/// The log probability of one generated token, from the model's raw distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's bytes (may be part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first: bytes and log probability.
+    pub top: Vec<(Vec<u8>, f32)>,
 }
 
 /// Why a choice ended.
@@ -107,6 +120,8 @@ pub enum Event {
         choice: u32,
         /// The text.
         text: String,
+        /// Log probabilities of the tokens this text completes (when asked for).
+        logprobs: Vec<TokenLogprob>,
     },
     /// A choice ended.
     Finished {

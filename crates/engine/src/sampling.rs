@@ -201,6 +201,39 @@ impl Sampler {
     }
 }
 
+/// Log probabilities from the model's raw distribution (the logits before bias, penalties,
+/// temperature and filters): the chosen token's, and the `top` most likely tokens', most likely
+/// first (ties by lower id).
+pub fn log_probs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|v| f64::from(*v - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |v: f32| (f64::from(v) - lse) as f32;
+    let chosen_lp = logits
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |v| lp(*v));
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let order = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = top.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(order);
+        best = idx
+            .into_iter()
+            .map(|i| (i, lp(logits[i as usize])))
+            .collect();
+    }
+    (chosen_lp, best)
+}
+
 fn argmax(l: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, v) in l.iter().enumerate() {
@@ -305,6 +338,22 @@ mod tests {
         p.repetition_penalty = 3.0;
         let mut s = Sampler::new(p, &[1], 0);
         assert_eq!(s.sample(&[1.0, 2.0], &[]), 0);
+    }
+
+    #[test]
+    fn log_probs_are_a_normalised_raw_distribution() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (lp, top) = log_probs(&logits, 2, 3);
+        let total: f32 = logits
+            .iter()
+            .map(|v| (log_probs(&logits, 0, 0).0 - 1.0 + v).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((top[2].1 - lp).abs() < 1e-6);
+        assert!(top[0].1 >= top[1].1 && top[1].1 >= top[2].1);
+        assert_eq!(log_probs(&logits, 1, 0).1, vec![]);
+        assert_eq!(log_probs(&logits, 1, 10).1.len(), 4);
     }
 
     #[test]

@@ -30,9 +30,9 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::{backend, LoadedModel};
-use crate::sampling::Sampler;
-use crate::text::{StopMatcher, Utf8Decoder};
-use crate::{EngineConfig, EngineError, Event, FinishReason, Gauges, Generation};
+use crate::sampling::{log_probs, Sampler};
+use crate::text::{AlignedQueue, StopMatcher, Utf8Decoder};
+use crate::{EngineConfig, EngineError, Event, FinishReason, Gauges, Generation, TokenLogprob};
 
 pub(crate) enum Command {
     Submit(Box<(Generation, UnboundedSender<Event>)>),
@@ -118,6 +118,8 @@ struct Seq {
     sampler: Sampler,
     decoder: Utf8Decoder,
     stops: StopMatcher,
+    /// Log probabilities waiting for their token's text to be sent.
+    logprobs: AlignedQueue<TokenLogprob>,
     /// While set, this sequence waits for the sequence with this id to compute the shared
     /// prompt, then copies its KV state.
     leader: Option<i32>,
@@ -294,6 +296,7 @@ impl<'m> Scheduler<'m> {
                     sampler: Sampler::new(g.sampling.clone(), &g.prompt, u64::from(choice)),
                     decoder: Utf8Decoder::default(),
                     stops: StopMatcher::new(&g.stop),
+                    logprobs: AlignedQueue::default(),
                     leader,
                     logits_at: None,
                     done: false,
@@ -432,16 +435,40 @@ impl<'m> Scheduler<'m> {
                 &ban_eog
             };
             let max_tokens = g.max_tokens;
+            let want_logprobs = g.logprobs;
             let tx = req.tx.clone();
             let logits = self.ctx.get_logits_ith(at);
             let s = &mut self.seqs[i];
             let token = s.sampler.sample(logits, banned);
             s.sampler.accept(token);
             s.generated += 1;
+            let is_eog = self.model.eog.contains(&token);
+            if let (Some(top), false) = (want_logprobs, is_eog) {
+                let (logprob, best) = log_probs(logits, token, top as usize);
+                let mut piece = Vec::new();
+                let top = best
+                    .into_iter()
+                    .map(|(t, lp)| {
+                        self.model.piece(t, &mut piece);
+                        (piece.clone(), lp)
+                    })
+                    .collect();
+                self.model.piece(token, &mut piece);
+                let len = piece.len();
+                s.logprobs.push(
+                    len,
+                    TokenLogprob {
+                        bytes: piece,
+                        logprob,
+                        top,
+                    },
+                );
+            }
             let mut finish = None;
             let mut flush = false;
+            let mut cut = false;
             let mut text = String::new();
-            if self.model.eog.contains(&token) {
+            if is_eog {
                 finish = Some(FinishReason::Stop);
                 flush = true;
             } else {
@@ -451,6 +478,7 @@ impl<'m> Scheduler<'m> {
                 text = out.text;
                 if out.stopped {
                     finish = Some(FinishReason::Stop);
+                    cut = true;
                 }
             }
             s.tokens.push(token);
@@ -466,14 +494,23 @@ impl<'m> Scheduler<'m> {
                 let rest = s.decoder.finish();
                 let out = s.stops.push(&rest);
                 text.push_str(&out.text);
-                if !out.stopped {
+                if out.stopped {
+                    cut = true;
+                } else {
                     text.push_str(&s.stops.finish());
                 }
             }
-            if !text.is_empty() {
+            let mut logprobs = s.logprobs.release(text.len());
+            if cut {
+                logprobs.extend(s.logprobs.cut());
+            } else if flush {
+                logprobs.extend(s.logprobs.drain());
+            }
+            if !text.is_empty() || !logprobs.is_empty() {
                 let _ = tx.send(Event::Text {
                     choice: s.choice,
                     text,
+                    logprobs,
                 });
             }
             if let Some(reason) = finish {

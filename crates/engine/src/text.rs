@@ -138,6 +138,62 @@ impl StopMatcher {
     }
 }
 
+/// Items (token log probabilities) that follow the text they belong to: each is released once
+/// all of its token's bytes have been sent, so a chunk carries exactly the tokens of its text.
+#[derive(Debug)]
+pub struct AlignedQueue<T> {
+    items: std::collections::VecDeque<(usize, T)>,
+    credit: usize,
+}
+
+impl<T> Default for AlignedQueue<T> {
+    fn default() -> Self {
+        Self {
+            items: std::collections::VecDeque::new(),
+            credit: 0,
+        }
+    }
+}
+
+impl<T> AlignedQueue<T> {
+    /// Adds the item of a token whose text is `len` bytes long.
+    pub fn push(&mut self, len: usize, item: T) {
+        self.items.push_back((len, item));
+    }
+
+    /// `bytes` more bytes of text were sent: returns the items now wholly covered.
+    pub fn release(&mut self, bytes: usize) -> Vec<T> {
+        self.credit += bytes;
+        let mut out = Vec::new();
+        while let Some((len, _)) = self.items.front() {
+            if *len > self.credit {
+                break;
+            }
+            self.credit -= *len;
+            if let Some((_, item)) = self.items.pop_front() {
+                out.push(item);
+            }
+        }
+        out
+    }
+
+    /// The text was cut (a stop string matched): a token partly sent is released, the rest
+    /// (whose text was never sent) are dropped.
+    pub fn cut(&mut self) -> Vec<T> {
+        let partial = self.credit > 0;
+        self.credit = 0;
+        let first = self.items.pop_front().filter(|_| partial);
+        self.items.clear();
+        first.map(|(_, item)| item).into_iter().collect()
+    }
+
+    /// The stream ended without a cut: everything left is released.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.credit = 0;
+        self.items.drain(..).map(|(_, item)| item).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +258,25 @@ mod tests {
         assert_eq!(d.push(&[b'a', 0xff, b'b']), "a\u{fffd}b");
         assert_eq!(d.push(&[0xe6]), "");
         assert_eq!(d.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn aligned_queue_follows_sent_bytes() {
+        let mut q = AlignedQueue::default();
+        q.push(2, 'a');
+        q.push(3, 'b');
+        q.push(1, 'c');
+        assert_eq!(q.release(1), vec![]);
+        assert_eq!(q.release(2), vec!['a']);
+        assert_eq!(q.release(2), vec!['b']);
+        q.push(0, 'd');
+        assert_eq!(q.cut(), vec![]);
+        q.push(4, 'e');
+        q.push(4, 'f');
+        assert_eq!(q.release(1), vec![]);
+        assert_eq!(q.cut(), vec!['e']);
+        q.push(1, 'g');
+        assert_eq!(q.drain(), vec!['g']);
     }
 
     proptest! {

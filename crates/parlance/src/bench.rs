@@ -65,15 +65,25 @@ impl Client {
     async fn stream_one(&self, body: &Value) -> Sample {
         let start = Instant::now();
         let mut s = Sample::default();
-        let mut req = self
-            .http
-            .post(format!("{}/chat/completions", self.url))
-            .json(body);
-        if let Some(k) = &self.key {
-            req = req.bearer_auth(k);
-        }
-        let Ok(resp) = req.send().await else {
-            return s;
+        let send = || {
+            let mut req = self
+                .http
+                .post(format!("{}/chat/completions", self.url))
+                .json(body);
+            if let Some(k) = &self.key {
+                req = req.bearer_auth(k);
+            }
+            req.send()
+        };
+        // A pooled connection the server already closed fails before the request is sent:
+        // retry that once rather than count it against the server.
+        let resp = match send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() || e.is_request() => match send().await {
+                Ok(r) => r,
+                Err(_) => return s,
+            },
+            Err(_) => return s,
         };
         if !resp.status().is_success() {
             s.total = start.elapsed();
@@ -125,10 +135,15 @@ impl Client {
     }
 }
 
-fn body(args: &BenchArgs, prompt: &str) -> Value {
+/// A streamed request. `tag` opens the system prompt, so requests with distinct tags share no
+/// prefix and no server can answer them from a prompt cache (W1, W2 measure uncached work).
+fn body(args: &BenchArgs, tag: &str, prompt: &str) -> Value {
     let mut b = json!({
         "model": args.model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [
+            {"role": "system", "content": format!("Session {tag}. You are a helpful assistant.")},
+            {"role": "user", "content": prompt},
+        ],
         "max_tokens": args.max_tokens,
         "temperature": 0,
         "stream": true,
@@ -138,6 +153,14 @@ fn body(args: &BenchArgs, prompt: &str) -> Value {
         b["ignore_eos"] = json!(true);
     }
     b
+}
+
+/// A tag no earlier request used.
+fn nonce() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{t:x}")
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -180,7 +203,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     rt.block_on(async {
         // Warm up: one short request so that nothing measured pays for first-use costs.
-        let mut warm = body(&args, "Hi");
+        let mut warm = body(&args, &nonce(), "Hi");
         warm["max_tokens"] = json!(4);
         let s = client.stream_one(&warm).await;
         if !s.ok {
@@ -189,11 +212,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if w == "w1" || w == "all" {
             let (mut tps, mut ttft) = (Vec::new(), Vec::new());
             for _ in 0..runs {
-                // A fresh prefix each run, so no server answers W1 from a prompt cache.
-                let nonce = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                let s = client.stream_one(&body(&args, &format!("[{nonce}] {PROMPT}"))).await;
+                let s = client.stream_one(&body(&args, &nonce(), PROMPT)).await;
                 let t = s.ttft.context("W1 request produced no tokens")?;
                 let decode = s.total.saturating_sub(t).as_secs_f64();
                 tps.push(f64::from(s.tokens.saturating_sub(1)) / decode.max(1e-9));
@@ -249,7 +268,7 @@ async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Ro
         let next = next.clone();
         let total = args.requests;
         let prompts: Vec<Value> = (0..total)
-            .map(|i| body(args, &format!("[{concurrency}.{i}] {PROMPT}")))
+            .map(|i| body(args, &format!("{}-{i}", nonce()), PROMPT))
             .collect();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();

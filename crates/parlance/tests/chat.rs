@@ -432,3 +432,70 @@ async fn concurrent_greedy_matches_solo() {
         }
     }
 }
+
+#[tokio::test]
+async fn logprobs_plain_and_streamed() {
+    let s = shared();
+    let mut body = greedy("Name three colors.", 12);
+    // Every generated token is content (no end-of-turn token, which has no entry).
+    body["ignore_eos"] = json!(true);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert!(lp["refusal"].is_null());
+    let entries = lp["content"].as_array().unwrap();
+    assert_eq!(
+        entries.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut joined = Vec::new();
+    for t in entries {
+        let logprob = t["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0);
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Raw distribution, most likely first; greedy picks the best token that is not banned
+        // (`ignore_eos` bans the end of turn), and where it is listed its figure is the same.
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        assert!(top[1]["logprob"].as_f64() >= top[2]["logprob"].as_f64());
+        assert!(top[0]["logprob"].as_f64().unwrap() >= logprob);
+        if let Some(same) = top.iter().find(|x| x["token"] == t["token"]) {
+            assert!((same["logprob"].as_f64().unwrap() - logprob).abs() < 1e-6);
+        }
+        joined.extend(
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    // The tokens' bytes spell the content.
+    assert_eq!(String::from_utf8(joined).unwrap(), content(&v));
+    validate_with_spec(&v.to_string());
+
+    // Streamed: the same entries, spread over the chunks that carry their text.
+    body["stream"] = json!(true);
+    let (_, _, data) = post_stream(s, &body).await;
+    let mut streamed = Vec::new();
+    for d in data.iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(entries) = c["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(&streamed, entries);
+
+    // logprobs alone: no alternatives; not asked: null.
+    let mut body = greedy("Hi", 3);
+    body["logprobs"] = json!(true);
+    let (_, _, v) = post(s, &body).await;
+    assert_eq!(
+        v["choices"][0]["logprobs"]["content"][0]["top_logprobs"],
+        json!([])
+    );
+    let (_, _, v) = post(s, &greedy("Hi", 3)).await;
+    assert!(v["choices"][0]["logprobs"].is_null());
+}

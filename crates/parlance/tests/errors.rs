@@ -247,6 +247,82 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::pr
 }
 
 #[tokio::test]
+async fn config_file_layered_under_flags() {
+    let dir = std::env::temp_dir().join(format!("parlance-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("parlance.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "addr = \"127.0.0.1:1\"\napi_keys = [\"sk-from-file\"]\ninvalid_value_status = 422\n\n[engine]\nmax_sequences = 2\n\n[[models]]\nname = \"from-file\"\npath = \"{}\"\ncontext_length = 512\n",
+            model_path().display()
+        ),
+    )
+    .unwrap();
+    // The flag's address wins over the file's; keys from the file and the flag both work.
+    let s = Server::start_raw(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+        "--api-key",
+        "sk-from-flag",
+        "--exit-on-stdin-eof",
+    ]);
+    for key in ["sk-from-file", "sk-from-flag"] {
+        let r = client()
+            .get(s.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["data"][0]["id"], "from-file");
+        assert_eq!(v["data"][0]["context_length"], 512);
+    }
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("sk-from-file")
+        .json(&json!({"model": "from-file", "messages": [{"role": "user", "content": "x"}], "top_p": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    drop(s);
+    // A typo in the file is an error that names the key.
+    std::fs::write(&cfg, "adress = \"127.0.0.1:0\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parlance"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adress"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn more_choices_than_sequences_run_in_waves() {
+    let s = Server::start(&["--max-sequences", "2"]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 4, "n": 5, "temperature": 0});
+    let (status, _, v) = post(&s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    let idx: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, vec![0, 1, 2, 3, 4]);
+    // Greedy: every wave continues the same prompt the same way.
+    for c in choices {
+        assert_eq!(c["message"]["content"], choices[0]["message"]["content"]);
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 20);
+}
+
+#[tokio::test]
 async fn several_models_at_once() {
     let path = model_path();
     let a = format!("alpha={}", path.display());

@@ -19,6 +19,8 @@ pub enum ChatEvent {
         choice: u32,
         /// The text (whole characters, never part of a stop string).
         text: String,
+        /// Log probabilities of the tokens of this text, when the request asked for them.
+        logprobs: Vec<parlance_api::chat::TokenLogprob>,
     },
     /// A choice ended.
     Finish {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use futures::stream;
+use parlance_api::chat::{TokenLogprob, TopLogprob};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_engine::{Engine, Event, Generation, SamplingParams, SubmitError};
 
@@ -78,7 +79,29 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
         },
         stop: request.stop.clone(),
         ignore_eos: request.ignore_eos,
+        logprobs: request.logprobs,
     })
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn wire_logprob(t: parlance_engine::TokenLogprob) -> TokenLogprob {
+    TokenLogprob {
+        token: lossy(&t.bytes),
+        logprob: t.logprob,
+        top_logprobs: t
+            .top
+            .into_iter()
+            .map(|(bytes, logprob)| TopLogprob {
+                token: lossy(&bytes),
+                logprob,
+                bytes,
+            })
+            .collect(),
+        bytes: t.bytes,
+    }
 }
 
 struct Progress {
@@ -153,8 +176,20 @@ impl ChatProvider for LocalProvider {
                 };
                 match ev {
                     Event::Admitted { cached_tokens } => st.cached_tokens = cached_tokens,
-                    Event::Text { choice, text } => {
-                        return Some((ChatEvent::Text { choice, text }, st))
+                    Event::Text {
+                        choice,
+                        text,
+                        logprobs,
+                    } => {
+                        let logprobs = logprobs.into_iter().map(wire_logprob).collect();
+                        return Some((
+                            ChatEvent::Text {
+                                choice,
+                                text,
+                                logprobs,
+                            },
+                            st,
+                        ));
                     }
                     Event::Finished {
                         choice,

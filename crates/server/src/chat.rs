@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use parlance_api::chat::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, UsageField,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
+    Delta, UsageField,
 };
 use parlance_api::{parse_chat_request, ApiError, ChatRequest, FinishReason, Usage};
 use parlance_platform::{Principal, Started};
@@ -62,14 +63,22 @@ struct Meta {
 async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<Response, Failure> {
     let n = request.n as usize;
     let mut texts = vec![String::new(); n];
+    let mut logprobs = vec![Vec::new(); n];
     let mut reasons = vec![None; n];
     let mut usage = Usage::default();
     let mut events = started.stream.events;
     while let Some(ev) = events.next().await {
         match ev {
-            ChatEvent::Text { choice, text } => {
+            ChatEvent::Text {
+                choice,
+                text,
+                logprobs: lp,
+            } => {
                 if let Some(t) = texts.get_mut(choice as usize) {
                     t.push_str(&text);
+                }
+                if let Some(l) = logprobs.get_mut(choice as usize) {
+                    l.extend(lp);
                 }
             }
             ChatEvent::Finish { choice, reason } => {
@@ -81,18 +90,23 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
             ChatEvent::Error(e) => return Err(e.into()),
         }
     }
+    let want_logprobs = request.logprobs.is_some();
     let choices = texts
         .into_iter()
         .zip(reasons)
+        .zip(logprobs)
         .enumerate()
-        .map(|(i, (text, reason))| Choice {
+        .map(|(i, ((text, reason), content))| Choice {
             index: i as u32,
             message: AssistantMessage {
                 role: "assistant",
                 content: Some(text),
                 refusal: None,
             },
-            logprobs: None,
+            logprobs: want_logprobs.then_some(ChoiceLogprobs {
+                content,
+                refusal: None,
+            }),
             finish_reason: reason.unwrap_or(FinishReason::Stop),
         })
         .collect();
@@ -134,6 +148,7 @@ fn delta(index: u32, delta: Delta, finish_reason: Option<FinishReason>) -> Chunk
 
 fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoResponse {
     let include_usage = request.include_usage;
+    let want_logprobs = request.logprobs.is_some();
     let none = if include_usage {
         UsageField::Null
     } else {
@@ -152,12 +167,23 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
     let m = meta.clone();
     let body = started.stream.events.flat_map(move |ev| {
         let events: Vec<Event> = match ev {
-            ChatEvent::Text { choice, text } => {
+            ChatEvent::Text {
+                choice,
+                text,
+                logprobs,
+            } => {
                 let d = Delta {
                     role: None,
                     content: Some(text),
                 };
-                vec![chunk(&m, vec![delta(choice, d, None)], none)]
+                let mut c = delta(choice, d, None);
+                if want_logprobs {
+                    c.logprobs = Some(ChoiceLogprobs {
+                        content: logprobs,
+                        refusal: None,
+                    });
+                }
+                vec![chunk(&m, vec![c], none)]
             }
             ChatEvent::Finish { choice, reason } => {
                 vec![chunk(

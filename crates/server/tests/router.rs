@@ -38,6 +38,7 @@ impl ChatProvider for Scripted {
         let mut events = vec![ChatEvent::Text {
             choice: 0,
             text: "partial".into(),
+            logprobs: Vec::new(),
         }];
         if self.fail {
             events.push(ChatEvent::Error(ApiError::Internal));
