@@ -206,6 +206,8 @@ impl GenerationStream {
 pub(crate) struct Gauges {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Set when the engine thread has ended, however it ended (a panic included).
+    pub stopped: std::sync::atomic::AtomicBool,
 }
 
 /// A loaded model and the thread that runs it.
@@ -263,6 +265,11 @@ impl Engine {
     /// Requests waiting for a sequence.
     pub fn queued(&self) -> usize {
         self.gauges.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine thread is still running (it is not after a fault).
+    pub fn is_alive(&self) -> bool {
+        !self.gauges.stopped.load(Ordering::Acquire)
     }
 
     /// Sequences being decoded.

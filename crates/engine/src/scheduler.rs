@@ -81,6 +81,8 @@ pub(crate) fn start(
                 }
             };
             let _ = ready_tx.send(Ok(()));
+            // However the loop ends, a panic included, the engine reports itself stopped.
+            let _stopped = StoppedOnDrop(gauges.clone());
             let mut s = Scheduler::new(&model, ctx, &config, gauges);
             s.run(&rx);
         })
@@ -89,6 +91,17 @@ pub(crate) fn start(
         Ok(Ok(())) => Ok((tx, thread)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(EngineError::Context("engine thread ended".into())),
+    }
+}
+
+struct StoppedOnDrop(Arc<Gauges>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; the model is no longer served");
+        }
     }
 }
 

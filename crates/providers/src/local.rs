@@ -129,7 +129,7 @@ impl ChatProvider for LocalProvider {
     }
 
     fn ready(&self) -> bool {
-        true
+        self.engine.is_alive()
     }
 
     async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError> {
