@@ -133,3 +133,28 @@ def test_logprobs(client: OpenAI):
         if chunk.choices and chunk.choices[0].logprobs:
             text += "".join(t.token for t in chunk.choices[0].logprobs.content)
     assert text == r.choices[0].message.content
+
+
+def test_anthropic_sdk(server):
+    import anthropic
+    c = anthropic.Anthropic(base_url=server, api_key="sk-sdk-test", max_retries=0)
+    # This SDK no longer takes sampling fields as arguments; greedy through extra_body.
+    greedy = {"temperature": 0}
+    m = c.messages.create(model=MODEL, max_tokens=10, system="Be brief.", extra_body=greedy,
+                          messages=[{"role": "user", "content": "Say hello."}])
+    type(m).model_validate(m.model_dump(mode="json"), strict=True)
+    assert m.type == "message" and m.role == "assistant"
+    assert m.content[0].type == "text" and m.content[0].text
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    assert m.usage.input_tokens > 0 and m.usage.output_tokens > 0
+    with c.messages.stream(model=MODEL, max_tokens=10, system="Be brief.", extra_body=greedy,
+                           messages=[{"role": "user", "content": "Say hello."}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == m.content[0].text == final.content[0].text
+    assert final.stop_reason == m.stop_reason
+    with pytest.raises(anthropic.NotFoundError):
+        c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    bad = anthropic.Anthropic(base_url=server, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])

@@ -1,6 +1,7 @@
 //! Wire types and their validation: OpenAI chat completions, models and errors. No IO, no
 //! async, no knowledge of HTTP servers, databases or models.
 
+pub mod anthropic;
 pub mod chat;
 pub mod error;
 pub mod models;

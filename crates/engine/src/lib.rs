@@ -129,6 +129,8 @@ pub enum Event {
         choice: u32,
         /// Why.
         reason: FinishReason,
+        /// Which stop string ended it, as an index into [`Generation::stop`].
+        stop_sequence: Option<usize>,
         /// Tokens generated for this choice.
         completion_tokens: u32,
     },

@@ -478,6 +478,7 @@ impl<'m> Scheduler<'m> {
                 );
             }
             let mut finish = None;
+            let mut matched = None;
             let mut flush = false;
             let mut cut = false;
             let mut text = String::new();
@@ -491,6 +492,7 @@ impl<'m> Scheduler<'m> {
                 text = out.text;
                 if out.stopped {
                     finish = Some(FinishReason::Stop);
+                    matched = out.matched;
                     cut = true;
                 }
             }
@@ -509,6 +511,8 @@ impl<'m> Scheduler<'m> {
                 text.push_str(&out.text);
                 if out.stopped {
                     cut = true;
+                    matched = out.matched;
+                    finish = Some(FinishReason::Stop);
                 } else {
                     text.push_str(&s.stops.finish());
                 }
@@ -531,6 +535,7 @@ impl<'m> Scheduler<'m> {
                 let _ = tx.send(Event::Finished {
                     choice: s.choice,
                     reason,
+                    stop_sequence: matched,
                     completion_tokens: s.generated,
                 });
             }

@@ -61,12 +61,15 @@ pub struct StopOutcome {
     pub text: String,
     /// True when a stop string was found: `text` ends just before it, and generation must end.
     pub stopped: bool,
+    /// Which stop string matched (its index in the list the matcher was made from).
+    pub matched: Option<usize>,
 }
 
 /// Finds stop strings in generated text, across any split of that text into pieces.
 #[derive(Debug)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    /// Non-empty stop strings with their index in the caller's list.
+    stops: Vec<(usize, String)>,
     held: String,
     longest: usize,
 }
@@ -74,8 +77,13 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// A matcher for these stop strings (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        let stops: Vec<String> = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
-        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        let stops: Vec<(usize, String)> = stops
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(i, s)| (i, s.clone()))
+            .collect();
+        let longest = stops.iter().map(|(_, s)| s.len()).max().unwrap_or(0);
         Self {
             stops,
             held: String::new(),
@@ -89,6 +97,7 @@ impl StopMatcher {
             return StopOutcome {
                 text: text.to_owned(),
                 stopped: false,
+                matched: None,
             };
         }
         self.held.push_str(text);
@@ -96,14 +105,15 @@ impl StopMatcher {
         let earliest = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, *i)))
             .min();
-        if let Some(at) = earliest {
+        if let Some((at, i)) = earliest {
             let out = self.held[..at].to_owned();
             self.held.clear();
             return StopOutcome {
                 text: out,
                 stopped: true,
+                matched: Some(i),
             };
         }
         // Hold back the longest tail that is a prefix of some stop string.
@@ -114,6 +124,7 @@ impl StopMatcher {
         StopOutcome {
             text: out,
             stopped: false,
+            matched: None,
         }
     }
 
@@ -130,7 +141,7 @@ impl StopMatcher {
                 continue;
             }
             let tail = &self.held[start..];
-            if self.stops.iter().any(|s| s.starts_with(tail)) {
+            if self.stops.iter().any(|(_, s)| s.starts_with(tail)) {
                 return len;
             }
         }
@@ -230,6 +241,8 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         assert_eq!(run(&["cd", "b"], &["abcd"]), ("a".into(), true));
+        let mut m = StopMatcher::new(&["".into(), "cd".into(), "b".into()]);
+        assert_eq!(m.push("abcd").matched, Some(2));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum ChatEvent {
         choice: u32,
         /// Why.
         reason: FinishReason,
+        /// The stop string that ended it, if one did.
+        stop_sequence: Option<String>,
     },
     /// Final token counts, after every choice finished.
     Usage(Usage),
@@ -37,6 +39,8 @@ pub enum ChatEvent {
 
 /// A running completion.
 pub struct ChatStream {
+    /// Prompt tokens, when the provider knows them before the work starts.
+    pub prompt_tokens: Option<u32>,
     /// The events; dropping the stream cancels the work.
     pub events: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
 }

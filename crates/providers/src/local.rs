@@ -106,6 +106,7 @@ fn wire_logprob(t: parlance_engine::TokenLogprob) -> TokenLogprob {
 
 struct Progress {
     events: parlance_engine::GenerationStream,
+    stops: Vec<String>,
     n: u32,
     finished: u32,
     prompt_tokens: u32,
@@ -141,6 +142,7 @@ impl ChatProvider for LocalProvider {
             .map_err(|_| ApiError::Internal)??;
         let prompt_tokens = generation.prompt.len() as u32;
         let n = generation.n;
+        let stops = generation.stop.clone();
         let events = self.engine.submit(generation).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::Overloaded("the model's queue is full".into()),
             SubmitError::ContextLengthExceeded { prompt, context } => {
@@ -151,6 +153,7 @@ impl ChatProvider for LocalProvider {
         })?;
         let state = Progress {
             events,
+            stops,
             n,
             finished: 0,
             prompt_tokens,
@@ -194,6 +197,7 @@ impl ChatProvider for LocalProvider {
                     Event::Finished {
                         choice,
                         reason,
+                        stop_sequence,
                         completion_tokens,
                     } => {
                         st.finished += 1;
@@ -202,7 +206,15 @@ impl ChatProvider for LocalProvider {
                             parlance_engine::FinishReason::Stop => FinishReason::Stop,
                             parlance_engine::FinishReason::Length => FinishReason::Length,
                         };
-                        return Some((ChatEvent::Finish { choice, reason }, st));
+                        let stop_sequence = stop_sequence.and_then(|i| st.stops.get(i).cloned());
+                        return Some((
+                            ChatEvent::Finish {
+                                choice,
+                                reason,
+                                stop_sequence,
+                            },
+                            st,
+                        ));
                     }
                     Event::Failed { message } => {
                         tracing::error!(%message, "generation failed");
@@ -213,6 +225,7 @@ impl ChatProvider for LocalProvider {
             }
         });
         Ok(ChatStream {
+            prompt_tokens: Some(prompt_tokens),
             events: Box::pin(events),
         })
     }

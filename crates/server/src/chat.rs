@@ -81,7 +81,7 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
                     l.extend(lp);
                 }
             }
-            ChatEvent::Finish { choice, reason } => {
+            ChatEvent::Finish { choice, reason, .. } => {
                 if let Some(r) = reasons.get_mut(choice as usize) {
                     *r = Some(reason);
                 }
@@ -185,7 +185,7 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                 }
                 vec![chunk(&m, vec![c], none)]
             }
-            ChatEvent::Finish { choice, reason } => {
+            ChatEvent::Finish { choice, reason, .. } => {
                 vec![chunk(
                     &m,
                     vec![delta(choice, Delta::default(), Some(reason))],

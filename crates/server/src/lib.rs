@@ -1,6 +1,7 @@
 //! The HTTP surface (axum): OpenAI routes, health checks, SSE encoding and the middleware
 //! around them. Handlers are thin: extract, call the platform, encode.
 
+mod anthropic;
 mod chat;
 mod error;
 mod middleware;
@@ -59,10 +60,24 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             middleware::authenticate,
         ));
+    // The Anthropic door: the same pipeline, Anthropic's shapes, errors (401 included) in
+    // Anthropic's body.
+    let anthropic_api = Router::new()
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/anthropic/v1/messages", post(anthropic::messages))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authenticate,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            anthropic::error_shape,
+        ));
     Router::new()
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
         .merge(api)
+        .merge(anthropic_api)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -58,14 +58,15 @@ pub(crate) async fn conventions(
     }
 }
 
-/// Checks `Authorization: Bearer` and stores the principal for the handler.
+/// Checks `Authorization: Bearer` (or Anthropic's `x-api-key`) and stores the principal for the
+/// handler.
 pub(crate) async fn authenticate(
     State(state): State<Arc<AppState>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let bearer = req
-        .headers()
+    let headers = req.headers();
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -73,6 +74,12 @@ pub(crate) async fn authenticate(
             scheme
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_owned())
+        })
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim().to_owned())
         });
     match state.platform.auth.authenticate(bearer.as_deref()) {
         Ok(p) => {

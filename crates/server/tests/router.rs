@@ -46,10 +46,12 @@ impl ChatProvider for Scripted {
             events.push(ChatEvent::Finish {
                 choice: 0,
                 reason: FinishReason::Stop,
+                stop_sequence: None,
             });
             events.push(ChatEvent::Usage(Usage::new(3, 0, 1)));
         }
         Ok(ChatStream {
+            prompt_tokens: Some(3),
             events: Box::pin(futures::stream::iter(events)),
         })
     }

@@ -1,0 +1,375 @@
+//! Anthropic Messages: the request, translated at the edge into the same [`ChatRequest`] the
+//! OpenAI door produces, the response and stream event shapes, and Anthropic's error body.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::chat::{ChatRequest, Message, Role};
+use crate::error::ApiError;
+
+/// The body as it arrives; unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+struct RawMessagesRequest {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    messages: Option<Vec<Value>>,
+    system: Option<Value>,
+    stop_sequences: Option<Vec<String>>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    stream: Option<bool>,
+    metadata: Option<RawMetadata>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    thinking: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMetadata {
+    user_id: Option<String>,
+}
+
+fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default as f32),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(x as f32),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("{param}: {x} is not between {lo} and {hi}"),
+        )),
+    }
+}
+
+/// Parses and validates a Messages request into the shared internal request.
+pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::malformed(format!("The request body is not valid JSON: {e}"), None)
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::malformed(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    let raw: RawMessagesRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::malformed(format!("{path}: {}", e.inner()), Some(path))
+    })?;
+    let model = raw
+        .model
+        .filter(|m| !m.trim().is_empty())
+        .ok_or_else(|| ApiError::malformed("model: Field required", Some("model".into())))?;
+    let max_tokens = match raw.max_tokens {
+        None => {
+            return Err(ApiError::malformed(
+                "max_tokens: Field required",
+                Some("max_tokens".into()),
+            ))
+        }
+        Some(m) if m >= 1 && m <= i64::from(u32::MAX) => m as u32,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens: {m} must be at least 1"),
+            ))
+        }
+    };
+    if raw.tools.is_some() || raw.tool_choice.is_some() {
+        return Err(ApiError::Unsupported {
+            message: "tools: tool use is not supported by this server yet".into(),
+            param: "tools".into(),
+        });
+    }
+    if let Some(t) = &raw.thinking {
+        if t.get("type").and_then(Value::as_str) != Some("disabled") {
+            return Err(ApiError::Unsupported {
+                message: "thinking: extended thinking is not supported by this model".into(),
+                param: "thinking".into(),
+            });
+        }
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = raw.system {
+        let text = text_of(&system, "system")?;
+        messages.push(Message {
+            role: Role::System,
+            content: Some(text),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+        });
+    }
+    let raw_messages = raw
+        .messages
+        .ok_or_else(|| ApiError::malformed("messages: Field required", Some("messages".into())))?;
+    if raw_messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages: at least one message is required",
+        ));
+    }
+    for (i, m) in raw_messages.iter().enumerate() {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages.{i}.role"),
+                    format!(
+                        "messages.{i}.role: Input should be 'user' or 'assistant', got {other:?}"
+                    ),
+                ))
+            }
+        };
+        let content = m.get("content").ok_or_else(|| {
+            ApiError::malformed(
+                format!("messages.{i}.content: Field required"),
+                Some(format!("messages.{i}.content")),
+            )
+        })?;
+        let text = text_of(content, &format!("messages.{i}.content"))?;
+        messages.push(Message {
+            role,
+            content: Some(text),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+        });
+    }
+    let top_k = match raw.top_k {
+        None => 0,
+        Some(k) if k >= 0 && k <= i64::from(u32::MAX) => k as u32,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k: {k} must be at least 0"),
+            ))
+        }
+    };
+    Ok(ChatRequest {
+        model,
+        messages,
+        max_tokens: Some(max_tokens),
+        temperature: range("temperature", raw.temperature, 0.0, 1.0, 1.0)?,
+        top_p: range("top_p", raw.top_p, 0.0, 1.0, 1.0)?,
+        n: 1,
+        stream: raw.stream.unwrap_or(false),
+        include_usage: true,
+        stop: raw.stop_sequences.unwrap_or_default(),
+        seed: None,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
+        user: raw.metadata.and_then(|m| m.user_id),
+        metadata: Default::default(),
+        top_k,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        ignore_eos: false,
+        reasoning_effort: None,
+        logprobs: None,
+    })
+}
+
+/// The text of a string or an array of text blocks.
+fn text_of(v: &Value, path: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut out = String::new();
+            for (j, b) in blocks.iter().enumerate() {
+                match b.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        let t = b.get("text").and_then(Value::as_str).ok_or_else(|| {
+                            ApiError::malformed(
+                                format!("{path}.{j}.text: Field required"),
+                                Some(format!("{path}.{j}.text")),
+                            )
+                        })?;
+                        out.push_str(t);
+                    }
+                    Some(other) => {
+                        return Err(ApiError::Unsupported {
+                            message: format!("{path}.{j}.type: content blocks of type '{other}' are not supported by this server yet"),
+                            param: format!("{path}.{j}.type"),
+                        })
+                    }
+                    None => {
+                        return Err(ApiError::malformed(
+                            format!("{path}.{j}.type: Field required"),
+                            Some(format!("{path}.{j}.type")),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(ApiError::malformed(
+            format!("{path}: Input should be a valid string or a list of content blocks"),
+            Some(path.to_owned()),
+        )),
+    }
+}
+
+/// Anthropic's `stop_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model ended its turn.
+    EndTurn,
+    /// `max_tokens` was reached.
+    MaxTokens,
+    /// A stop sequence matched.
+    StopSequence,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct MessagesUsage {
+    /// Prompt tokens.
+    pub input_tokens: u32,
+    /// Generated tokens.
+    pub output_tokens: u32,
+    /// Prompt tokens read from a cache.
+    pub cache_read_input_tokens: u32,
+    /// Prompt tokens written to a cache (none here).
+    pub cache_creation_input_tokens: u32,
+}
+
+/// A text content block.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextBlock {
+    /// Always `text`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The text.
+    pub text: String,
+}
+
+/// A complete response.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessagesResponse {
+    /// `msg_…`.
+    pub id: String,
+    /// Always `message`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The model as requested.
+    pub model: String,
+    /// The answer.
+    pub content: Vec<TextBlock>,
+    /// Why it ended (null only in `message_start`).
+    pub stop_reason: Option<StopReason>,
+    /// The stop sequence that matched.
+    pub stop_sequence: Option<String>,
+    /// Token counts.
+    pub usage: MessagesUsage,
+}
+
+/// Anthropic's error body for an [`ApiError`].
+pub fn error_body(e: &ApiError, status: u16) -> Value {
+    let kind = match status {
+        400 | 405 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    };
+    serde_json::json!({"type": "error", "error": {"type": kind, "message": e.to_string()}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ChatRequest, ApiError> {
+        parse_messages_request(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn translates_into_the_shared_request() {
+        let r = parse(json!({
+            "model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                         {"role": "assistant", "content": "Hello"},
+                         {"role": "user", "content": "Bye"}],
+            "stop_sequences": ["END"], "temperature": 0.5, "top_k": 5,
+            "metadata": {"user_id": "u1"}
+        }))
+        .map_err(|e| e.to_string());
+        let r = r.as_ref().map(|r| {
+            (
+                r.messages.len(),
+                r.messages[0].role,
+                r.messages[0].content.clone(),
+                r.max_tokens,
+                r.stop.clone(),
+                r.top_k,
+                r.user.clone(),
+            )
+        });
+        assert_eq!(
+            r,
+            Ok((
+                4,
+                Role::System,
+                Some("Be brief.".to_owned()),
+                Some(10),
+                vec!["END".to_owned()],
+                5,
+                Some("u1".to_owned())
+            ))
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let base = || json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+        let mut b = base();
+        b.as_object_mut().map(|o| o.remove("max_tokens"));
+        assert_eq!(
+            parse(b).err().and_then(|e| e.param()),
+            Some("max_tokens".into())
+        );
+        let mut b = base();
+        b["temperature"] = json!(1.5);
+        assert_eq!(
+            parse(b).err().and_then(|e| e.param()),
+            Some("temperature".into())
+        );
+        let mut b = base();
+        b["messages"][0]["role"] = json!("system");
+        assert_eq!(
+            parse(b).err().and_then(|e| e.param()),
+            Some("messages.0.role".into())
+        );
+        let mut b = base();
+        b["messages"][0]["content"] = json!([{"type": "image", "source": {}}]);
+        assert_eq!(
+            parse(b).err().and_then(|e| e.param()),
+            Some("messages.0.content.0.type".into())
+        );
+        let mut b = base();
+        b["tools"] = json!([]);
+        assert!(parse(b).is_err());
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let v = error_body(&ApiError::ModelNotFound("x".into()), 404);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains('x')));
+    }
+}

@@ -1,0 +1,187 @@
+//! `POST /v1/messages` and `/anthropic/v1/messages`: the Anthropic door. The body is translated
+//! into the shared request, started through the same platform call as the OpenAI door, and the
+//! shared events are encoded as an Anthropic message or its event stream.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures::{Stream, StreamExt};
+use parlance_api::anthropic::{
+    error_body, parse_messages_request, MessagesResponse, MessagesUsage, StopReason, TextBlock,
+};
+use parlance_api::{ApiError, FinishReason, Usage};
+use parlance_platform::Principal;
+use parlance_providers::ChatEvent;
+use serde_json::json;
+
+use crate::error::Failure;
+use crate::AppState;
+
+pub(crate) async fn messages(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    body: Body,
+) -> Result<Response, Failure> {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return Err(ApiError::NotReady("The server is shutting down.".into()).into());
+    }
+    let bytes = axum::body::to_bytes(body, state.body_limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(state.body_limit))?;
+    let request = parse_messages_request(&bytes)?;
+    let started = state.platform.chat(&principal, &request).await?;
+    let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+    let model = request.model.clone();
+    if request.stream {
+        return Ok(stream(id, model, started.stream).into_response());
+    }
+    let mut text = String::new();
+    let mut stop = (StopReason::EndTurn, None);
+    let mut usage = Usage::default();
+    let mut events = started.stream.events;
+    while let Some(ev) = events.next().await {
+        match ev {
+            ChatEvent::Text { text: t, .. } => text.push_str(&t),
+            ChatEvent::Finish {
+                reason,
+                stop_sequence,
+                ..
+            } => stop = stop_reason(reason, stop_sequence),
+            ChatEvent::Usage(u) => usage = u,
+            ChatEvent::Error(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(MessagesResponse {
+        id,
+        kind: "message",
+        role: "assistant",
+        model,
+        content: vec![TextBlock { kind: "text", text }],
+        stop_reason: Some(stop.0),
+        stop_sequence: stop.1,
+        usage: usage_of(&usage),
+    })
+    .into_response())
+}
+
+fn stop_reason(
+    reason: FinishReason,
+    stop_sequence: Option<String>,
+) -> (StopReason, Option<String>) {
+    match (reason, stop_sequence) {
+        (_, Some(s)) => (StopReason::StopSequence, Some(s)),
+        (FinishReason::Length, None) => (StopReason::MaxTokens, None),
+        (_, None) => (StopReason::EndTurn, None),
+    }
+}
+
+fn usage_of(u: &Usage) -> MessagesUsage {
+    let cached = u.prompt_tokens_details.cached_tokens;
+    MessagesUsage {
+        input_tokens: u.prompt_tokens.saturating_sub(cached),
+        output_tokens: u.completion_tokens,
+        cache_read_input_tokens: cached,
+        cache_creation_input_tokens: 0,
+    }
+}
+
+fn event(kind: &str, data: serde_json::Value) -> Event {
+    Event::default().event(kind).data(data.to_string())
+}
+
+/// Anthropic's event sequence: `message_start`, `content_block_start`, `ping`,
+/// `content_block_delta`..., `content_block_stop`, `message_delta`, `message_stop`; an error
+/// after the start is an `error` event that ends the stream.
+fn stream(id: String, model: String, started: parlance_providers::ChatStream) -> impl IntoResponse {
+    let input = started.prompt_tokens.unwrap_or(0);
+    let opening = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": input, "output_tokens": 0,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    let mut stop = (StopReason::EndTurn, None);
+    let body = started.events.flat_map(move |ev| {
+        let out = match ev {
+            ChatEvent::Text { text, .. } if text.is_empty() => vec![],
+            ChatEvent::Text { text, .. } => vec![event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                       "delta": {"type": "text_delta", "text": text}}),
+            )],
+            ChatEvent::Finish {
+                reason,
+                stop_sequence,
+                ..
+            } => {
+                stop = stop_reason(reason, stop_sequence);
+                vec![]
+            }
+            ChatEvent::Usage(u) => {
+                let usage = usage_of(&u);
+                vec![
+                    event(
+                        "content_block_stop",
+                        json!({"type": "content_block_stop", "index": 0}),
+                    ),
+                    event(
+                        "message_delta",
+                        json!({"type": "message_delta",
+                               "delta": {"stop_reason": stop.0, "stop_sequence": stop.1},
+                               "usage": usage}),
+                    ),
+                    event("message_stop", json!({"type": "message_stop"})),
+                ]
+            }
+            ChatEvent::Error(e) => {
+                vec![event("error", error_body(&e, e.status(Default::default())))]
+            }
+        };
+        futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
+    });
+    let all: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(futures::stream::iter(opening.into_iter().map(Ok::<_, Infallible>)).chain(body));
+    Sse::new(all).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// Re-renders errors of the Anthropic routes (authentication included) in Anthropic's shape.
+pub(crate) async fn error_shape(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let Some(e) = resp.extensions().get::<ApiError>().cloned() else {
+        return resp;
+    };
+    let status = e.status(state.convention);
+    let mut out = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(error_body(&e, status)),
+    )
+        .into_response();
+    if let Some(secs) = e.retry_after() {
+        out.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    out
+}
