@@ -158,3 +158,19 @@ def test_anthropic_sdk(server):
     bad = anthropic.Anthropic(base_url=server, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+
+
+def test_structured_output_parse(client: OpenAI):
+    from typing import Literal
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=20)
+        kind: Literal["cat", "dog", "fish"]
+        age: int
+
+    for seed in range(5):
+        r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Describe a pet."}],
+                                          response_format=Pet, max_tokens=120, seed=seed)
+        pet = r.choices[0].message.parsed
+        assert isinstance(pet, Pet), r.choices[0].message.content

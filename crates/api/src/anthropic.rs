@@ -169,6 +169,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         ignore_eos: false,
         reasoning_effort: None,
         logprobs: None,
+        response_format: None,
     })
 }
 

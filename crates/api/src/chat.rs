@@ -54,6 +54,24 @@ pub struct ChatRequest {
     pub reasoning_effort: Option<ReasoningEffort>,
     /// `logprobs: true`, with `top_logprobs` alternatives per token (0–20).
     pub logprobs: Option<u32>,
+    /// Structured output: `json_object` or `json_schema` (`text` is `None`).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format` other than `text`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// The schema's name.
+        name: String,
+        /// The schema.
+        schema: Value,
+        /// Whether the caller asked for strict adherence (always enforced here).
+        strict: bool,
+    },
 }
 
 /// `reasoning_effort` values.
@@ -363,20 +381,10 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
     if raw.function_call.is_some() {
         return Err(unsupported("function_call", "(legacy function calling)"));
     }
-    if let Some(rf) = &raw.response_format {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") | Some("json_schema") => {
-                return Err(unsupported("response_format", "(structured output)"))
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "response_format.type",
-                    "Invalid 'response_format.type': expected one of 'text', 'json_object', 'json_schema'.",
-                ))
-            }
-        }
-    }
+    let response_format = match &raw.response_format {
+        None | Some(Value::Null) => None,
+        Some(rf) => parse_response_format(rf)?,
+    };
     if raw.store == Some(true) {
         return Err(unsupported("store", "(stored completions)"));
     }
@@ -425,7 +433,61 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         ignore_eos: raw.ignore_eos.unwrap_or(false),
         reasoning_effort,
         logprobs,
+        response_format,
     })
+}
+
+fn parse_response_format(rf: &Value) -> Result<Option<ResponseFormat>, ApiError> {
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let js = rf
+                .get("json_schema")
+                .filter(|v| v.is_object())
+                .ok_or_else(|| {
+                    ApiError::malformed(
+                        "Missing required parameter: 'response_format.json_schema'.",
+                        Some("response_format.json_schema".into()),
+                    )
+                })?;
+            let name = js.get("name").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::malformed(
+                    "Missing required parameter: 'response_format.json_schema.name'.",
+                    Some("response_format.json_schema.name".into()),
+                )
+            })?;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema.name",
+                    "Invalid 'response_format.json_schema.name': use 1 to 64 characters among a-z, A-Z, 0-9, '_' and '-'.",
+                ));
+            }
+            let schema = match js.get("schema") {
+                None => serde_json::json!({}),
+                Some(s) if s.is_object() => s.clone(),
+                Some(_) => return Err(ApiError::malformed(
+                    "Invalid type for 'response_format.json_schema.schema': expected an object.",
+                    Some("response_format.json_schema.schema".into()),
+                )),
+            };
+            let strict = js.get("strict").and_then(Value::as_bool).unwrap_or(false);
+            Ok(Some(ResponseFormat::JsonSchema {
+                name: name.to_owned(),
+                schema,
+                strict,
+            }))
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "Invalid 'response_format.type': expected one of 'text', 'json_object', 'json_schema'.",
+        )),
+    }
 }
 
 fn parse_stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
@@ -1023,6 +1085,39 @@ mod tests {
         );
         assert!(parse(with("store", json!(false))).is_ok());
         assert!(parse(with("reasoning_effort", json!("low"))).is_ok());
+        assert_eq!(
+            parse(with("response_format", json!({"type": "json_object"})))
+                .ok()
+                .and_then(|r| r.response_format),
+            Some(ResponseFormat::JsonObject)
+        );
+        assert_eq!(
+            parse(with("response_format", json!({"type": "text"})))
+                .ok()
+                .and_then(|r| r.response_format),
+            None
+        );
+        assert_eq!(
+            err(with("response_format", json!({"type": "xml"})))
+                .param()
+                .as_deref(),
+            Some("response_format.type")
+        );
+        assert_eq!(
+            err(with("response_format", json!({"type": "json_schema"})))
+                .param()
+                .as_deref(),
+            Some("response_format.json_schema")
+        );
+        assert_eq!(
+            err(with(
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}})
+            ))
+            .param()
+            .as_deref(),
+            Some("response_format.json_schema.name")
+        );
     }
 
     #[test]

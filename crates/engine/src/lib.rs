@@ -5,6 +5,7 @@
 //! [`Event`]s from the returned [`GenerationStream`]; dropping the stream cancels the generation
 //! and frees its sequences at the next forward step.
 
+mod grammar;
 mod model;
 mod sampling;
 mod scheduler;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+pub use grammar::{Constraint, Grammar, GrammarError};
 pub use sampling::{log_probs, SamplingParams};
 pub use template::{ChatTemplate, TemplateError};
 pub use text::{AlignedQueue, StopMatcher, StopOutcome, Utf8Decoder};
@@ -84,6 +86,8 @@ pub struct Generation {
     pub ignore_eos: bool,
     /// Report log probabilities, with this many most likely alternatives per token.
     pub logprobs: Option<u32>,
+    /// Constrain the output (from [`Engine::compile`]); the choice ends when it is complete.
+    pub grammar: Option<Grammar>,
 }
 
 /// The log probability of one generated token, from the model's raw distribution.
@@ -180,6 +184,9 @@ pub enum EngineError {
     /// The model's chat template does not compile.
     #[error(transparent)]
     Template(#[from] TemplateError),
+    /// The grammar compiler could not be built for this vocabulary.
+    #[error("grammar compiler: {0}")]
+    Grammar(#[from] GrammarError),
     /// The inference context could not be created.
     #[error("cannot create inference context: {0}")]
     Context(String),
@@ -257,6 +264,12 @@ impl Engine {
         tools: Option<&serde_json::Value>,
     ) -> Result<String, TemplateError> {
         self.model.template.render(messages, tools, true)
+    }
+
+    /// Compiles an output constraint for this model (cached by schema). CPU work: call it off
+    /// the async runtime.
+    pub fn compile(&self, constraint: &Constraint) -> Result<Grammar, GrammarError> {
+        self.model.grammar.compile(constraint)
     }
 
     /// Tokenizes templated text (special tokens in the text are parsed as such).

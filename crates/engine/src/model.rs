@@ -11,6 +11,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
+use crate::grammar::Compiler;
 use crate::template::{ChatTemplate, CHATML};
 use crate::{EngineConfig, EngineError, ModelInfo};
 
@@ -36,6 +37,8 @@ pub(crate) struct LoadedModel {
     pub info: ModelInfo,
     /// End-of-generation tokens (end of turn, end of text...).
     pub eog: Vec<u32>,
+    /// Compiles output constraints against this vocabulary.
+    pub grammar: Compiler,
     add_bos: bool,
     bos_text: String,
 }
@@ -82,11 +85,13 @@ impl LoadedModel {
             fingerprint,
             max_sequences: config.max_sequences,
         };
+        let grammar = Compiler::new(&model)?;
         Ok(Self {
             model,
             template,
             info,
             eog,
+            grammar,
             add_bos,
             bos_text,
         })

@@ -98,6 +98,16 @@ impl Sampler {
 
     /// Picks the next token from `logits`. Tokens in `banned` are never chosen.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> u32 {
+        self.sample_allowed(logits, banned, |_| true)
+    }
+
+    /// Like [`Sampler::sample`], choosing only among tokens for which `allowed` is true.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        banned: &[u32],
+        allowed: impl Fn(u32) -> bool,
+    ) -> u32 {
         self.scratch.clear();
         self.scratch.extend_from_slice(logits);
         let l = &mut self.scratch;
@@ -137,6 +147,11 @@ impl Sampler {
         }
         for &t in banned {
             if let Some(v) = l.get_mut(t as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        for (i, v) in l.iter_mut().enumerate() {
+            if !allowed(i as u32) {
                 *v = f32::NEG_INFINITY;
             }
         }

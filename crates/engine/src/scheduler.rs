@@ -131,6 +131,8 @@ struct Seq {
     sampler: Sampler,
     decoder: Utf8Decoder,
     stops: StopMatcher,
+    /// This sequence's copy of the request's output constraint.
+    grammar: Option<llguidance::Matcher>,
     /// Log probabilities waiting for their token's text to be sent.
     logprobs: AlignedQueue<TokenLogprob>,
     /// While set, this sequence waits for the sequence with this id to compute the shared
@@ -310,6 +312,7 @@ impl<'m> Scheduler<'m> {
                     decoder: Utf8Decoder::default(),
                     stops: StopMatcher::new(&g.stop),
                     logprobs: AlignedQueue::default(),
+                    grammar: g.grammar.as_ref().map(|g| g.0.deep_clone()),
                     leader,
                     logits_at: None,
                     done: false,
@@ -452,8 +455,32 @@ impl<'m> Scheduler<'m> {
             let tx = req.tx.clone();
             let logits = self.ctx.get_logits_ith(at);
             let s = &mut self.seqs[i];
-            let token = s.sampler.sample(logits, banned);
+            let mask = match s.grammar.as_mut().map(|m| m.compute_mask_or_eos()) {
+                None => None,
+                Some(Ok(mask)) => Some(mask),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "grammar failed");
+                    None
+                }
+            };
+            let token = match &mask {
+                Some(mask) => {
+                    // The grammar decides when the output is complete, not `ignore_eos`.
+                    s.sampler
+                        .sample_allowed(logits, &[], |t| mask.is_allowed(t))
+                }
+                None => s.sampler.sample(logits, banned),
+            };
             s.sampler.accept(token);
+            let mut grammar_done = false;
+            if let Some(m) = s.grammar.as_mut() {
+                if !self.model.eog.contains(&token) {
+                    if let Err(e) = m.consume_token(token) {
+                        tracing::error!(error = %e, "grammar rejected a token it allowed");
+                    }
+                    grammar_done = m.is_stopped();
+                }
+            }
             s.generated += 1;
             let is_eog = self.model.eog.contains(&token);
             if let (Some(top), false) = (want_logprobs, is_eog) {
@@ -497,6 +524,11 @@ impl<'m> Scheduler<'m> {
                 }
             }
             s.tokens.push(token);
+            if finish.is_none() && grammar_done {
+                // The constrained output is complete: nothing more may follow.
+                finish = Some(FinishReason::Stop);
+                flush = true;
+            }
             if finish.is_none()
                 && (max_tokens.is_some_and(|m| s.generated >= m)
                     || s.tokens.len() >= self.context_length)

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use futures::stream;
-use parlance_api::chat::{TokenLogprob, TopLogprob};
+use parlance_api::chat::{ResponseFormat, TokenLogprob, TopLogprob};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
-use parlance_engine::{Engine, Event, Generation, SamplingParams, SubmitError};
+use parlance_engine::{Constraint, Engine, Event, Generation, SamplingParams, SubmitError};
 
 use crate::{ChatEvent, ChatProvider, ChatStream};
 
@@ -62,6 +62,22 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
             format!("Invalid key in 'logit_bias': token id {id} is outside the vocabulary of {} tokens.", info.vocab_size),
         ));
     }
+    // Compiled before any work: a schema that cannot be enforced is a 400, never ignored.
+    let grammar = match &request.response_format {
+        None => None,
+        Some(rf) => {
+            let (constraint, param) = match rf {
+                ResponseFormat::JsonObject => (Constraint::JsonObject, "response_format"),
+                ResponseFormat::JsonSchema { schema, .. } => (
+                    Constraint::JsonSchema(schema.clone()),
+                    "response_format.json_schema.schema",
+                ),
+            };
+            Some(engine.compile(&constraint).map_err(|e| {
+                ApiError::invalid(param, format!("The JSON schema cannot be enforced: {e}"))
+            })?)
+        }
+    };
     Ok(Generation {
         prompt,
         n: request.n,
@@ -80,6 +96,7 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
         stop: request.stop.clone(),
         ignore_eos: request.ignore_eos,
         logprobs: request.logprobs,
+        grammar,
     })
 }
 
