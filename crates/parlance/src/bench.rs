@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Do not send `ignore_eos` (for servers that reject unknown fields).
     #[arg(long)]
     no_ignore_eos: bool,
+    /// Constrain every request with a JSON schema (a long array of digits), to measure the cost
+    /// of constrained decoding against the same length unconstrained.
+    #[arg(long)]
+    constrained: bool,
 }
 
 /// What one streamed request measured.
@@ -151,6 +155,11 @@ fn body(args: &BenchArgs, tag: &str, prompt: &str) -> Value {
     });
     if !args.no_ignore_eos {
         b["ignore_eos"] = json!(true);
+    }
+    if args.constrained {
+        b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "digits",
+            "schema": {"type": "array", "minItems": 10000,
+                       "items": {"type": "integer", "minimum": 0, "maximum": 9}}}});
     }
     b
 }
