@@ -174,3 +174,30 @@ def test_structured_output_parse(client: OpenAI):
                                           response_format=Pet, max_tokens=120, seed=seed)
         pet = r.choices[0].message.parsed
         assert isinstance(pet, Pet), r.choices[0].message.content
+
+
+def test_tool_calls_with_the_sdk(client: OpenAI):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                             "required": ["city"], "additionalProperties": False}, "strict": True}}]
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="required",
+                                       max_tokens=60, seed=2)
+    strict(r)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    # Accumulate streamed fragments the way agent loops do.
+    acc = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="required",
+                                                max_tokens=60, seed=2, stream=True):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            e = acc.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            e["name"] += tc.function.name or ""
+            e["arguments"] += tc.function.arguments or ""
+    assert acc[0]["name"] == call.function.name
+    assert json.loads(acc[0]["arguments"]) == json.loads(call.function.arguments)
+    # The call and its result go back in the history; the model answers in text.
+    msgs += [r.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="none", max_tokens=20)
+    assert r2.choices[0].message.content

@@ -170,6 +170,9 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         reasoning_effort: None,
         logprobs: None,
         response_format: None,
+        tools: Vec::new(),
+        tool_choice: crate::chat::ToolChoice::None,
+        parallel_tool_calls: true,
     })
 }
 

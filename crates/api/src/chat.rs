@@ -56,6 +56,39 @@ pub struct ChatRequest {
     pub logprobs: Option<u32>,
     /// Structured output: `json_object` or `json_schema` (`text` is `None`).
     pub response_format: Option<ResponseFormat>,
+    /// Function tools the model may call.
+    pub tools: Vec<Tool>,
+    /// How the model may use them (`Auto` when tools are given and no choice is).
+    pub tool_choice: ToolChoice,
+    /// Whether several calls may come in one answer.
+    pub parallel_tool_calls: bool,
+}
+
+/// A function tool.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tool {
+    /// Function name (a-z, A-Z, 0-9, `_`, `-`; at most 64).
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON schema of its arguments (an object schema).
+    pub parameters: Value,
+    /// Whether the caller asked for strict arguments (always enforced when calls are forced).
+    pub strict: bool,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never call a tool.
+    None,
+    /// The model decides.
+    Auto,
+    /// At least one call.
+    Required,
+    /// Exactly this function.
+    Named(String),
 }
 
 /// `response_format` other than `text`.
@@ -359,22 +392,32 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         }
         _ => None,
     };
-    if let Some(tools) = &raw.tools {
-        if tools.is_empty() {
+    let tools = match &raw.tools {
+        None => Vec::new(),
+        Some(t) if t.is_empty() => {
             return Err(ApiError::invalid(
                 "tools",
                 "Invalid 'tools': empty array. Expected an array with minimum length 1, or omit the parameter.",
-            ));
+            ))
         }
-        return Err(unsupported("tools", "(tool calling)"));
-    }
-    if raw.tool_choice.is_some() {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "'tool_choice' is only allowed when 'tools' are specified.",
-        ));
-    }
-    let _ = raw.parallel_tool_calls;
+        Some(t) => t
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_tool(i, v))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let tool_choice = match (&raw.tool_choice, tools.is_empty()) {
+        (None | Some(Value::Null), true) => ToolChoice::None,
+        (Some(_), true) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "'tool_choice' is only allowed when 'tools' are specified.",
+            ))
+        }
+        (None | Some(Value::Null), false) => ToolChoice::Auto,
+        (Some(c), false) => parse_tool_choice(c, &tools)?,
+    };
+    let parallel_tool_calls = raw.parallel_tool_calls.unwrap_or(true);
     if raw.functions.is_some() {
         return Err(unsupported("functions", "(legacy function calling)"));
     }
@@ -434,7 +477,106 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         reasoning_effort,
         logprobs,
         response_format,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
     })
+}
+
+fn valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
+    let at = |f: &str| format!("tools[{i}].{f}");
+    if v.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(ApiError::invalid(
+            at("type"),
+            format!(
+                "Invalid value for '{}': only 'function' tools are supported.",
+                at("type")
+            ),
+        ));
+    }
+    let f = v.get("function").filter(|f| f.is_object()).ok_or_else(|| {
+        ApiError::malformed(
+            format!("Missing required parameter: '{}'.", at("function")),
+            Some(at("function")),
+        )
+    })?;
+    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::malformed(
+            format!("Missing required parameter: '{}'.", at("function.name")),
+            Some(at("function.name")),
+        )
+    })?;
+    if !valid_function_name(name) {
+        return Err(ApiError::invalid(
+            at("function.name"),
+            format!("Invalid '{}': '{name}' must be 1 to 64 characters among a-z, A-Z, 0-9, '_' and '-'.", at("function.name")),
+        ));
+    }
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+        Some(p) if p.is_object() => p.clone(),
+        Some(_) => {
+            return Err(ApiError::malformed(
+                format!(
+                    "Invalid type for '{}': expected an object.",
+                    at("function.parameters")
+                ),
+                Some(at("function.parameters")),
+            ))
+        }
+    };
+    Ok(Tool {
+        name: name.to_owned(),
+        description: f
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        parameters,
+        strict: f.get("strict").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+fn parse_tool_choice(c: &Value, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "tool_choice",
+            "Invalid 'tool_choice': expected 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+        )
+    };
+    match c {
+        Value::String(s) => match s.as_str() {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            _ => Err(bad()),
+        },
+        Value::Object(o) => {
+            if o.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(bad());
+            }
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?;
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("Invalid 'tool_choice': no function named '{name}' in 'tools'."),
+                ));
+            }
+            Ok(ToolChoice::Named(name.to_owned()))
+        }
+        _ => Err(bad()),
+    }
 }
 
 fn parse_response_format(rf: &Value) -> Result<Option<ResponseFormat>, ApiError> {
@@ -841,6 +983,55 @@ pub struct AssistantMessage {
     pub content: Option<String>,
     /// A refusal, or null.
     pub refusal: Option<String>,
+    /// Calls the model made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// One call in `message.tool_calls`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCall {
+    /// `call_…`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Which function, with what.
+    pub function: FunctionCall,
+}
+
+/// The function part of a call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCall {
+    /// The function.
+    pub name: String,
+    /// Its arguments, as a JSON string.
+    pub arguments: String,
+}
+
+/// A streamed fragment of a tool call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallDelta {
+    /// Which call of the choice.
+    pub index: u32,
+    /// On the first fragment only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// On the first fragment only.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name (first fragment) and an arguments fragment.
+    pub function: FunctionDelta,
+}
+
+/// The function part of a streamed fragment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionDelta {
+    /// On the first fragment only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the arguments (`""` on the first fragment).
+    pub arguments: String,
 }
 
 /// One streamed chunk.
@@ -913,6 +1104,9 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool-call fragments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[cfg(test)]

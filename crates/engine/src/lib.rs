@@ -266,6 +266,11 @@ impl Engine {
         self.model.template.render(messages, tools, true)
     }
 
+    /// Whether the model's chat template renders tool definitions itself.
+    pub fn template_renders_tools(&self) -> bool {
+        self.model.template.knows_tools()
+    }
+
     /// Compiles an output constraint for this model (cached by schema). CPU work: call it off
     /// the async runtime.
     pub fn compile(&self, constraint: &Constraint) -> Result<Grammar, GrammarError> {

@@ -8,6 +8,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 pub struct ChatTemplate {
     env: Environment<'static>,
     knows_developer_role: bool,
+    knows_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -45,9 +46,15 @@ impl ChatTemplate {
         Ok(Self {
             env,
             knows_developer_role: source.contains("developer"),
+            knows_tools: source.contains("tools"),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
         })
+    }
+
+    /// Whether the template renders `tools` itself.
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// Renders the conversation. `messages` are OpenAI-shaped objects (`role`, `content` as a

@@ -584,3 +584,120 @@ async fn structured_output_is_valid_by_construction() {
         assert_eq!(v["error"]["param"], "response_format.json_schema.schema");
     }
 }
+
+fn weather_tools() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                           "required": ["city"], "additionalProperties": false}}},
+           {"type": "function", "function": {"name": "get_time", "description": "Time in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                           "required": ["city"], "additionalProperties": false}}}])
+}
+
+#[tokio::test]
+async fn tool_calls_required_named_none_and_streamed() {
+    let s = shared();
+    let ask = |choice: Value, seed: u64| {
+        let mut b = chat("What is the weather in Paris?");
+        b["tools"] = weather_tools();
+        b["tool_choice"] = choice;
+        b["seed"] = json!(seed);
+        b["max_tokens"] = json!(80);
+        b
+    };
+    // required: always at least one call, arguments parse and match the schema.
+    for seed in 0..5 {
+        let (status, _, v) = post(s, &ask(json!("required"), seed)).await;
+        assert_eq!(status, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert!(c["message"]["content"].is_null());
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty());
+        for call in calls {
+            assert!(call["id"].as_str().unwrap().starts_with("call_"));
+            assert_eq!(call["type"], "function");
+            assert!(
+                ["get_weather", "get_time"].contains(&call["function"]["name"].as_str().unwrap())
+            );
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert!(
+                args["city"].is_string() && args.as_object().unwrap().len() == 1,
+                "{args}"
+            );
+        }
+        validate_with_spec(&v.to_string());
+    }
+    // parallel_tool_calls: false gives at most one call.
+    let mut b = ask(json!("required"), 3);
+    b["parallel_tool_calls"] = json!(false);
+    let (_, _, v) = post(s, &b).await;
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Named: exactly that function, finish_reason stop.
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let (_, _, v) = post(s, &ask(named.clone(), 1)).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_time");
+    // none: never a call.
+    let (_, _, v) = post(s, &ask(json!("none"), 1)).await;
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    assert!(v["choices"][0]["message"]["content"].is_string());
+
+    // Streamed: first fragment carries index, id, type, name and empty arguments; the joined
+    // arguments equal the plain response's for the same seed.
+    let (_, _, plain) = post(s, &ask(named.clone(), 7)).await;
+    let mut sb = ask(named, 7);
+    sb["stream"] = json!(true);
+    let (_, _, data) = post_stream(s, &sb).await;
+    let mut first = None;
+    let mut joined = String::new();
+    let mut finish = None;
+    for d in data.iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(tc) = c["choices"][0]["delta"]["tool_calls"].as_array() {
+            let tc = &tc[0];
+            assert_eq!(tc["index"], 0);
+            if first.is_none() {
+                assert_eq!(tc["function"]["arguments"], "");
+                assert_eq!(tc["type"], "function");
+                first = Some(tc.clone());
+            } else {
+                assert!(tc.get("id").is_none());
+            }
+            joined.push_str(tc["function"]["arguments"].as_str().unwrap());
+        }
+        if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    let first = first.unwrap();
+    let pcall = &plain["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(first["function"]["name"], pcall["function"]["name"]);
+    assert_eq!(joined, pcall["function"]["arguments"].as_str().unwrap());
+    assert_eq!(finish.as_deref(), Some("stop"));
+    let raw = data
+        .iter()
+        .map(|d| format!("data: {d}\n\n"))
+        .collect::<String>();
+    validate_with_spec(&raw);
+
+    // History round trip: the assistant's call and the tool's answer render and the model
+    // answers in text.
+    let body = json!({"model": MODEL, "max_tokens": 20, "tools": weather_tools(), "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [pcall]},
+        {"role": "tool", "tool_call_id": pcall["id"], "content": "Sunny, 24 C"}],
+        "tool_choice": "none"});
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+}

@@ -2,6 +2,7 @@
 //! Anthropic upstreams later), and the event stream every provider produces.
 
 mod local;
+pub mod tools;
 
 use std::pin::Pin;
 
@@ -30,6 +31,19 @@ pub enum ChatEvent {
         reason: FinishReason,
         /// The stop string that ended it, if one did.
         stop_sequence: Option<String>,
+    },
+    /// A complete tool call of one choice (before that choice's `Finish`).
+    ToolCall {
+        /// Choice index.
+        choice: u32,
+        /// Which call of the choice.
+        index: u32,
+        /// `call_…`.
+        id: String,
+        /// The function.
+        name: String,
+        /// Its arguments, as a JSON string.
+        arguments: String,
     },
     /// Final token counts, after every choice finished.
     Usage(Usage),

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use futures::stream;
-use parlance_api::chat::{ResponseFormat, TokenLogprob, TopLogprob};
+use std::collections::VecDeque;
+
+use parlance_api::chat::{ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogprob};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_engine::{Constraint, Engine, Event, Generation, SamplingParams, SubmitError};
 
-use crate::{ChatEvent, ChatProvider, ChatStream};
+use crate::{tools, ChatEvent, ChatProvider, ChatStream};
 
 /// A loaded local model.
 #[derive(Debug, Clone)]
@@ -30,13 +32,27 @@ impl LocalProvider {
 
 /// Renders and tokenizes the conversation, then checks it against the context and vocabulary.
 fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiError> {
-    let messages: Vec<serde_json::Value> = request
-        .messages
-        .iter()
-        .map(|m| serde_json::to_value(m).unwrap_or_default())
-        .collect();
+    let knows_tools = engine.template_renders_tools();
+    let messages = tools::template_messages(
+        &request.messages,
+        &request.tools,
+        &request.tool_choice,
+        knows_tools,
+    );
+    let tool_defs: Option<serde_json::Value> = (knows_tools
+        && !request.tools.is_empty()
+        && request.tool_choice != ToolChoice::None)
+        .then(|| {
+            serde_json::Value::Array(
+                request
+                    .tools
+                    .iter()
+                    .map(|t| serde_json::json!({"type": "function", "function": t}))
+                    .collect(),
+            )
+        });
     let text = engine
-        .apply_chat_template(&messages, None)
+        .apply_chat_template(&messages, tool_defs.as_ref())
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = engine.tokenize(&text);
     let info = engine.info();
@@ -63,20 +79,33 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
         ));
     }
     // Compiled before any work: a schema that cannot be enforced is a 400, never ignored.
-    let grammar = match &request.response_format {
-        None => None,
-        Some(rf) => {
-            let (constraint, param) = match rf {
-                ResponseFormat::JsonObject => (Constraint::JsonObject, "response_format"),
-                ResponseFormat::JsonSchema { schema, .. } => (
-                    Constraint::JsonSchema(schema.clone()),
-                    "response_format.json_schema.schema",
-                ),
-            };
-            Some(engine.compile(&constraint).map_err(|e| {
-                ApiError::invalid(param, format!("The JSON schema cannot be enforced: {e}"))
-            })?)
+    let forced = tools::forced_schema(
+        &request.tools,
+        &request.tool_choice,
+        request.parallel_tool_calls,
+    );
+    let constraint = match (&request.response_format, forced) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "'response_format' cannot be combined with a forced tool call ('tool_choice' 'required' or a named function).",
+            ))
         }
+        (None, Some(schema)) => Some((Constraint::JsonSchema(schema), "tools")),
+        (Some(ResponseFormat::JsonObject), None) => {
+            Some((Constraint::JsonObject, "response_format"))
+        }
+        (Some(ResponseFormat::JsonSchema { schema, .. }), None) => Some((
+            Constraint::JsonSchema(schema.clone()),
+            "response_format.json_schema.schema",
+        )),
+        (None, None) => None,
+    };
+    let grammar = match constraint {
+        None => None,
+        Some((c, param)) => Some(engine.compile(&c).map_err(|e| {
+            ApiError::invalid(param, format!("The JSON schema cannot be enforced: {e}"))
+        })?),
     };
     Ok(Generation {
         prompt,
@@ -121,15 +150,131 @@ fn wire_logprob(t: parlance_engine::TokenLogprob) -> TokenLogprob {
     }
 }
 
+/// How the output of a request is read.
+#[derive(Debug, Clone, PartialEq)]
+enum ToolMode {
+    /// Plain text.
+    Off,
+    /// The model may answer a call (`auto`): output that starts like a call is held back.
+    Auto,
+    /// A call is forced by the grammar; `named` answers `stop`, `required` answers
+    /// `tool_calls`.
+    Forced { named: bool },
+}
+
 struct Progress {
     events: parlance_engine::GenerationStream,
     stops: Vec<String>,
+    tools: Vec<Tool>,
+    mode: ToolMode,
+    /// Per choice: text held back while it may be a call, and whether it turned out plain.
+    held: Vec<String>,
+    plain: Vec<bool>,
+    pending: VecDeque<ChatEvent>,
     n: u32,
     finished: u32,
     prompt_tokens: u32,
     cached_tokens: u32,
     completion_tokens: u32,
     done: bool,
+}
+
+impl Progress {
+    /// Turns one engine event into chat events (queued in `pending`).
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Admitted { cached_tokens } => self.cached_tokens = cached_tokens,
+            Event::Text {
+                choice,
+                text,
+                logprobs,
+            } => {
+                let c = choice as usize;
+                let logprobs = logprobs.into_iter().map(wire_logprob).collect();
+                match self.mode {
+                    ToolMode::Off => self.pending.push_back(ChatEvent::Text {
+                        choice,
+                        text,
+                        logprobs,
+                    }),
+                    ToolMode::Forced { .. } => self.held[c].push_str(&text),
+                    ToolMode::Auto if self.plain[c] => self.pending.push_back(ChatEvent::Text {
+                        choice,
+                        text,
+                        logprobs,
+                    }),
+                    ToolMode::Auto => {
+                        self.held[c].push_str(&text);
+                        if !tools::may_be_call(&self.held[c]) {
+                            self.plain[c] = true;
+                            let text = std::mem::take(&mut self.held[c]);
+                            self.pending.push_back(ChatEvent::Text {
+                                choice,
+                                text,
+                                logprobs,
+                            });
+                        }
+                    }
+                }
+            }
+            Event::Finished {
+                choice,
+                reason,
+                stop_sequence,
+                completion_tokens,
+            } => {
+                self.finished += 1;
+                self.completion_tokens += completion_tokens;
+                let mut reason = match reason {
+                    parlance_engine::FinishReason::Stop => FinishReason::Stop,
+                    parlance_engine::FinishReason::Length => FinishReason::Length,
+                };
+                let c = choice as usize;
+                let held = std::mem::take(&mut self.held[c]);
+                let calls = match self.mode {
+                    ToolMode::Off => Vec::new(),
+                    ToolMode::Forced { .. } => tools::parse_forced(&held, &self.tools),
+                    ToolMode::Auto => tools::parse_auto(&held, &self.tools),
+                };
+                if calls.is_empty() {
+                    if !held.is_empty() {
+                        self.pending.push_back(ChatEvent::Text {
+                            choice,
+                            text: held,
+                            logprobs: Vec::new(),
+                        });
+                    }
+                } else {
+                    for (index, call) in calls.into_iter().enumerate() {
+                        self.pending.push_back(ChatEvent::ToolCall {
+                            choice,
+                            index: index as u32,
+                            id: format!("call_{}", uuid::Uuid::new_v4().simple()),
+                            name: call.name,
+                            arguments: call.arguments,
+                        });
+                    }
+                    if reason == FinishReason::Stop {
+                        reason = match self.mode {
+                            ToolMode::Forced { named: true } => FinishReason::Stop,
+                            _ => FinishReason::ToolCalls,
+                        };
+                    }
+                }
+                let stop_sequence = stop_sequence.and_then(|i| self.stops.get(i).cloned());
+                self.pending.push_back(ChatEvent::Finish {
+                    choice,
+                    reason,
+                    stop_sequence,
+                });
+            }
+            Event::Failed { message } => {
+                tracing::error!(%message, "generation failed");
+                self.done = true;
+                self.pending.push_back(ChatEvent::Error(ApiError::Internal));
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -168,9 +313,21 @@ impl ChatProvider for LocalProvider {
             SubmitError::EmptyPrompt => ApiError::invalid("messages", "The prompt is empty."),
             SubmitError::Stopped => ApiError::NotReady("The model is shutting down.".into()),
         })?;
+        let mode = match &request.tool_choice {
+            _ if request.tools.is_empty() => ToolMode::Off,
+            ToolChoice::None => ToolMode::Off,
+            ToolChoice::Auto => ToolMode::Auto,
+            ToolChoice::Required => ToolMode::Forced { named: false },
+            ToolChoice::Named(_) => ToolMode::Forced { named: true },
+        };
         let state = Progress {
             events,
             stops,
+            tools: request.tools.clone(),
+            mode,
+            held: vec![String::new(); n as usize],
+            plain: vec![false; n as usize],
+            pending: VecDeque::new(),
             n,
             finished: 0,
             prompt_tokens,
@@ -179,63 +336,25 @@ impl ChatProvider for LocalProvider {
             done: false,
         };
         let events = stream::unfold(state, |mut st| async move {
-            if st.done {
-                return None;
-            }
-            if st.finished == st.n {
-                // Every choice is over: the usage comes last, then the stream ends.
-                st.done = true;
-                let usage = Usage::new(st.prompt_tokens, st.cached_tokens, st.completion_tokens);
-                return Some((ChatEvent::Usage(usage), st));
-            }
             loop {
-                let Some(ev) = st.events.next().await else {
+                if let Some(ev) = st.pending.pop_front() {
+                    return Some((ev, st));
+                }
+                if st.done {
+                    return None;
+                }
+                if st.finished == st.n {
+                    // Every choice is over: the usage comes last, then the stream ends.
                     st.done = true;
-                    tracing::error!("engine stream ended before every choice finished");
-                    return Some((ChatEvent::Error(ApiError::Internal), st));
-                };
-                match ev {
-                    Event::Admitted { cached_tokens } => st.cached_tokens = cached_tokens,
-                    Event::Text {
-                        choice,
-                        text,
-                        logprobs,
-                    } => {
-                        let logprobs = logprobs.into_iter().map(wire_logprob).collect();
-                        return Some((
-                            ChatEvent::Text {
-                                choice,
-                                text,
-                                logprobs,
-                            },
-                            st,
-                        ));
-                    }
-                    Event::Finished {
-                        choice,
-                        reason,
-                        stop_sequence,
-                        completion_tokens,
-                    } => {
-                        st.finished += 1;
-                        st.completion_tokens += completion_tokens;
-                        let reason = match reason {
-                            parlance_engine::FinishReason::Stop => FinishReason::Stop,
-                            parlance_engine::FinishReason::Length => FinishReason::Length,
-                        };
-                        let stop_sequence = stop_sequence.and_then(|i| st.stops.get(i).cloned());
-                        return Some((
-                            ChatEvent::Finish {
-                                choice,
-                                reason,
-                                stop_sequence,
-                            },
-                            st,
-                        ));
-                    }
-                    Event::Failed { message } => {
-                        tracing::error!(%message, "generation failed");
+                    let usage =
+                        Usage::new(st.prompt_tokens, st.cached_tokens, st.completion_tokens);
+                    return Some((ChatEvent::Usage(usage), st));
+                }
+                match st.events.next().await {
+                    Some(ev) => st.on_event(ev),
+                    None => {
                         st.done = true;
+                        tracing::error!("engine stream ended before every choice finished");
                         return Some((ChatEvent::Error(ApiError::Internal), st));
                     }
                 }

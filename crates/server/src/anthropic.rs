@@ -57,6 +57,8 @@ pub(crate) async fn messages(
                 ..
             } => stop = stop_reason(reason, stop_sequence),
             ChatEvent::Usage(u) => usage = u,
+            // The Anthropic door refuses tools for now, so no call can arrive.
+            ChatEvent::ToolCall { .. } => {}
             ChatEvent::Error(e) => return Err(e.into()),
         }
     }
@@ -123,6 +125,7 @@ fn stream(id: String, model: String, started: parlance_providers::ChatStream) ->
     let body = started.events.flat_map(move |ev| {
         let out = match ev {
             ChatEvent::Text { text, .. } if text.is_empty() => vec![],
+            ChatEvent::ToolCall { .. } => vec![],
             ChatEvent::Text { text, .. } => vec![event(
                 "content_block_delta",
                 json!({"type": "content_block_delta", "index": 0,

@@ -14,7 +14,7 @@ use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use parlance_api::chat::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
-    Delta, UsageField,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, UsageField,
 };
 use parlance_api::{parse_chat_request, ApiError, ChatRequest, FinishReason, Usage};
 use parlance_platform::{Principal, Started};
@@ -64,6 +64,7 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
     let n = request.n as usize;
     let mut texts = vec![String::new(); n];
     let mut logprobs = vec![Vec::new(); n];
+    let mut calls: Vec<Vec<ToolCall>> = vec![Vec::new(); n];
     let mut reasons = vec![None; n];
     let mut usage = Usage::default();
     let mut events = started.stream.events;
@@ -86,6 +87,21 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
                     *r = Some(reason);
                 }
             }
+            ChatEvent::ToolCall {
+                choice,
+                id,
+                name,
+                arguments,
+                ..
+            } => {
+                if let Some(c) = calls.get_mut(choice as usize) {
+                    c.push(ToolCall {
+                        id,
+                        kind: "function",
+                        function: FunctionCall { name, arguments },
+                    });
+                }
+            }
             ChatEvent::Usage(u) => usage = u,
             ChatEvent::Error(e) => return Err(e.into()),
         }
@@ -95,13 +111,16 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
         .into_iter()
         .zip(reasons)
         .zip(logprobs)
+        .zip(calls)
         .enumerate()
-        .map(|(i, ((text, reason), content))| Choice {
+        .map(|(i, (((text, reason), content), calls))| Choice {
             index: i as u32,
             message: AssistantMessage {
                 role: "assistant",
-                content: Some(text),
+                // A turn that only calls tools has null content, as OpenAI answers it.
+                content: (calls.is_empty() || !text.is_empty()).then_some(text),
                 refusal: None,
+                tool_calls: (!calls.is_empty()).then_some(calls),
             },
             logprobs: want_logprobs.then_some(ChoiceLogprobs {
                 content,
@@ -146,6 +165,15 @@ fn delta(index: u32, delta: Delta, finish_reason: Option<FinishReason>) -> Chunk
     }
 }
 
+/// `s` in pieces of at most `size` characters.
+fn fragments(s: &str, size: usize) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    chars
+        .chunks(size.max(1))
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
 fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoResponse {
     let include_usage = request.include_usage;
     let want_logprobs = request.logprobs.is_some();
@@ -160,6 +188,7 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
             let d = Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                tool_calls: None,
             };
             Ok(chunk(&meta, vec![delta(i, d, None)], none))
         })
@@ -175,6 +204,7 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                 let d = Delta {
                     role: None,
                     content: Some(text),
+                    tool_calls: None,
                 };
                 let mut c = delta(choice, d, None);
                 if want_logprobs {
@@ -191,6 +221,49 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                     vec![delta(choice, Delta::default(), Some(reason))],
                     none,
                 )]
+            }
+            // The first fragment of a call names it with empty arguments; the arguments follow
+            // in fragments that join to the same JSON as the plain response.
+            ChatEvent::ToolCall {
+                choice,
+                index,
+                id,
+                name,
+                arguments,
+            } => {
+                let first = ToolCallDelta {
+                    index,
+                    id: Some(id),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name),
+                        arguments: String::new(),
+                    },
+                };
+                let mut out = vec![first];
+                out.extend(
+                    fragments(&arguments, 16)
+                        .into_iter()
+                        .map(|a| ToolCallDelta {
+                            index,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: a,
+                            },
+                        }),
+                );
+                out.into_iter()
+                    .map(|tc| {
+                        let d = Delta {
+                            role: None,
+                            content: None,
+                            tool_calls: Some(vec![tc]),
+                        };
+                        chunk(&m, vec![delta(choice, d, None)], none)
+                    })
+                    .collect()
             }
             ChatEvent::Usage(u) => {
                 let mut v = Vec::new();
