@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::chat::{ChatRequest, Message, Role};
+use crate::chat::{ChatRequest, Message, Role, Tool, ToolChoice};
 use crate::error::ApiError;
 
 /// The body as it arrives; unknown fields are ignored.
@@ -75,12 +75,8 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
             ))
         }
     };
-    if raw.tools.is_some() || raw.tool_choice.is_some() {
-        return Err(ApiError::Unsupported {
-            message: "tools: tool use is not supported by this server yet".into(),
-            param: "tools".into(),
-        });
-    }
+    let tools = parse_tools(raw.tools.as_ref())?;
+    let (tool_choice, parallel_tool_calls) = parse_tool_choice(raw.tool_choice.as_ref(), &tools)?;
     if let Some(t) = &raw.thinking {
         if t.get("type").and_then(Value::as_str) != Some("disabled") {
             return Err(ApiError::Unsupported {
@@ -128,14 +124,12 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
                 Some(format!("messages.{i}.content")),
             )
         })?;
-        let text = text_of(content, &format!("messages.{i}.content"))?;
-        messages.push(Message {
+        push_message(
+            &mut messages,
             role,
-            content: Some(text),
-            name: None,
-            tool_calls: None,
-            tool_call_id: None,
-        });
+            content,
+            &format!("messages.{i}.content"),
+        )?;
     }
     let top_k = match raw.top_k {
         None => 0,
@@ -170,10 +164,174 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         reasoning_effort: None,
         logprobs: None,
         response_format: None,
-        tools: Vec::new(),
-        tool_choice: crate::chat::ToolChoice::None,
-        parallel_tool_calls: true,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
     })
+}
+
+fn parse_tools(v: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let list = v.as_array().ok_or_else(|| {
+        ApiError::malformed("tools: Input should be a valid list", Some("tools".into()))
+    })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::malformed(
+                    format!("tools.{i}.name: Field required"),
+                    Some(format!("tools.{i}.name")),
+                )
+            })?;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ApiError::invalid(
+                    format!("tools.{i}.name"),
+                    format!(
+                        "tools.{i}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+                    ),
+                ));
+            }
+            let schema = t
+                .get("input_schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    ApiError::malformed(
+                        format!("tools.{i}.input_schema: Field required"),
+                        Some(format!("tools.{i}.input_schema")),
+                    )
+                })?;
+            Ok(Tool {
+                name: name.to_owned(),
+                description: t
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                parameters: schema.clone(),
+                strict: true,
+            })
+        })
+        .collect()
+}
+
+fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<(ToolChoice, bool), ApiError> {
+    let parallel = !v
+        .and_then(|c| c.get("disable_parallel_tool_use"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let choice = match v.and_then(|c| c.get("type")).and_then(Value::as_str) {
+        _ if tools.is_empty() && v.is_none() => ToolChoice::None,
+        _ if tools.is_empty() => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool_choice: 'tools' must be given to use 'tool_choice'",
+            ))
+        }
+        None | Some("auto") => ToolChoice::Auto,
+        Some("any") => ToolChoice::Required,
+        Some("none") => ToolChoice::None,
+        Some("tool") => {
+            let name = v
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::invalid(
+                    "tool_choice.name",
+                    format!("tool_choice.name: no tool named '{name}'"),
+                ));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "tool_choice.type",
+                format!("tool_choice.type: '{other}' is not one of 'auto', 'any', 'tool', 'none'"),
+            ))
+        }
+    };
+    Ok((choice, parallel))
+}
+
+/// Adds one Anthropic message: text becomes the message's content, `tool_use` blocks become the
+/// assistant's tool calls, and each `tool_result` block becomes a `tool` message of its own.
+fn push_message(
+    messages: &mut Vec<Message>,
+    role: Role,
+    content: &Value,
+    path: &str,
+) -> Result<(), ApiError> {
+    let blocks: Vec<Value> = match content {
+        Value::Array(b) => b.clone(),
+        other => {
+            messages.push(Message {
+                role,
+                content: Some(text_of(other, path)?),
+                name: None,
+                tool_calls: None,
+                tool_call_id: None,
+            });
+            return Ok(());
+        }
+    };
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let at = format!("{path}.{j}");
+        match (role, b.get("type").and_then(Value::as_str)) {
+            (Role::Assistant, Some("tool_use")) => {
+                let field = |f: &str| {
+                    b.get(f).cloned().ok_or_else(|| {
+                        ApiError::malformed(
+                            format!("{at}.{f}: Field required"),
+                            Some(format!("{at}.{f}")),
+                        )
+                    })
+                };
+                let input = field("input")?;
+                calls.push(serde_json::json!({"id": field("id")?, "type": "function",
+                    "function": {"name": field("name")?, "arguments": input.to_string()}}));
+            }
+            (Role::User, Some("tool_result")) => {
+                let id = b
+                    .get("tool_use_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ApiError::malformed(
+                            format!("{at}.tool_use_id: Field required"),
+                            Some(format!("{at}.tool_use_id")),
+                        )
+                    })?;
+                let result = match b.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(c) => text_of(c, &format!("{at}.content"))?,
+                };
+                messages.push(Message {
+                    role: Role::Tool,
+                    content: Some(result),
+                    name: None,
+                    tool_calls: None,
+                    tool_call_id: Some(id.to_owned()),
+                });
+            }
+            _ => text.push_str(&text_of(&Value::Array(vec![b.clone()]), path)?),
+        }
+    }
+    if !text.is_empty() || !calls.is_empty() || blocks.is_empty() {
+        messages.push(Message {
+            role,
+            content: (!text.is_empty() || calls.is_empty()).then_some(text),
+            name: None,
+            tool_calls: (!calls.is_empty()).then_some(Value::Array(calls)),
+            tool_call_id: None,
+        });
+    }
+    Ok(())
 }
 
 /// The text of a string or an array of text blocks.
@@ -226,6 +384,8 @@ pub enum StopReason {
     MaxTokens,
     /// A stop sequence matched.
     StopSequence,
+    /// The model called tools.
+    ToolUse,
 }
 
 /// `usage`.
@@ -241,16 +401,6 @@ pub struct MessagesUsage {
     pub cache_creation_input_tokens: u32,
 }
 
-/// A text content block.
-#[derive(Debug, Clone, Serialize)]
-pub struct TextBlock {
-    /// Always `text`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// The text.
-    pub text: String,
-}
-
 /// A complete response.
 #[derive(Debug, Clone, Serialize)]
 pub struct MessagesResponse {
@@ -263,8 +413,8 @@ pub struct MessagesResponse {
     pub role: &'static str,
     /// The model as requested.
     pub model: String,
-    /// The answer.
-    pub content: Vec<TextBlock>,
+    /// The answer: `text` and `tool_use` blocks.
+    pub content: Vec<Value>,
     /// Why it ended (null only in `message_start`).
     pub stop_reason: Option<StopReason>,
     /// The stop sequence that matched.
@@ -363,8 +513,51 @@ mod tests {
             Some("messages.0.content.0.type".into())
         );
         let mut b = base();
-        b["tools"] = json!([]);
+        b["tool_choice"] = json!({"type": "any"});
         assert!(parse(b).is_err());
+        let mut b = base();
+        b["tools"] = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+        b["tool_choice"] = json!({"type": "tool", "name": "nope"});
+        assert_eq!(
+            parse(b).err().and_then(|e| e.param()),
+            Some("tool_choice.name".into())
+        );
+    }
+
+    #[test]
+    fn tool_use_history_translates() {
+        let r = parse(json!({"model": "m", "max_tokens": 5,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Rain"},
+                    {"type": "text", "text": "Thanks"}]}]}))
+        .map_err(|e| e.to_string());
+        let r = r.as_ref().map(|r| {
+            (
+                r.tool_choice.clone(),
+                r.parallel_tool_calls,
+                r.messages.iter().map(|m| m.role).collect::<Vec<_>>(),
+                r.messages[1]
+                    .tool_calls
+                    .as_ref()
+                    .map(|c| c[0]["function"]["arguments"].clone()),
+                r.messages[2].tool_call_id.clone(),
+            )
+        });
+        assert_eq!(
+            r,
+            Ok((
+                ToolChoice::Required,
+                false,
+                vec![Role::User, Role::Assistant, Role::Tool, Role::User],
+                Some(json!("{\"city\":\"Oslo\"}")),
+                Some("toolu_1".to_owned()),
+            ))
+        );
     }
 
     #[test]

@@ -164,3 +164,75 @@ async fn messages_plain_streamed_and_errors() {
         assert!(e["error"]["message"].is_string());
     }
 }
+
+#[tokio::test]
+async fn tool_use_plain_streamed_and_history() {
+    let s = Server::start(&[]);
+    let tools = json!([{"name": "get_weather", "description": "Weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                         "required": ["city"], "additionalProperties": false}}]);
+    // Greedy and one call, so that the plain and streamed answers are the same call.
+    let body = json!({"model": MODEL, "max_tokens": 120, "tools": tools, "temperature": 0,
+                      "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+                      "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+    let (status, text) = messages(&s, &body, None).await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["stop_reason"], "tool_use");
+    let call = v["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap()
+        .clone();
+    assert!(call["id"].as_str().unwrap().starts_with("toolu_"));
+    assert_eq!(call["name"], "get_weather");
+    assert!(call["input"]["city"].is_string());
+
+    // Streamed: a tool_use block whose input_json_delta fragments join to the same input.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .json(&sb)
+        .send()
+        .await
+        .unwrap();
+    let raw = r.text().await.unwrap();
+    let mut partial = String::new();
+    let mut started = None;
+    let mut stop = None;
+    for ev in raw.split("\n\n").filter(|e| e.starts_with("event: ")) {
+        let data: Value =
+            serde_json::from_str(ev.lines().nth(1).unwrap().strip_prefix("data: ").unwrap())
+                .unwrap();
+        match data["type"].as_str().unwrap() {
+            "content_block_start" if data["content_block"]["type"] == "tool_use" => {
+                started = Some(data["content_block"].clone())
+            }
+            "content_block_delta" if data["delta"]["type"] == "input_json_delta" => {
+                partial.push_str(data["delta"]["partial_json"].as_str().unwrap())
+            }
+            "message_delta" => stop = Some(data["delta"]["stop_reason"].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        started.unwrap_or_else(|| panic!("{raw}"))["name"],
+        "get_weather"
+    );
+    let input: Value = serde_json::from_str(&partial).unwrap();
+    assert_eq!(input, call["input"]);
+    assert_eq!(stop, Some(json!("tool_use")));
+
+    // The call and its result go back; the model answers in text.
+    let follow = json!({"model": MODEL, "max_tokens": 20, "tools": body["tools"], "tool_choice": {"type": "none"},
+        "messages": [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": [call]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "Sunny"}]}]});
+    let (status, text) = messages(&s, &follow, None).await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["content"][0]["type"], "text");
+}

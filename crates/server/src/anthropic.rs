@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use parlance_api::anthropic::{
-    error_body, parse_messages_request, MessagesResponse, MessagesUsage, StopReason, TextBlock,
+    error_body, parse_messages_request, MessagesResponse, MessagesUsage, StopReason,
 };
+use parlance_api::chat::ToolChoice;
 use parlance_api::{ApiError, FinishReason, Usage};
 use parlance_platform::Principal;
 use parlance_providers::ChatEvent;
@@ -42,37 +43,65 @@ pub(crate) async fn messages(
     let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
     let model = request.model.clone();
     if request.stream {
-        return Ok(stream(id, model, started.stream).into_response());
+        let forced = matches!(
+            request.tool_choice,
+            ToolChoice::Required | ToolChoice::Named(_)
+        );
+        return Ok(stream(id, model, started.stream, !forced).into_response());
     }
     let mut text = String::new();
+    let mut calls = Vec::new();
     let mut stop = (StopReason::EndTurn, None);
     let mut usage = Usage::default();
     let mut events = started.stream.events;
     while let Some(ev) = events.next().await {
         match ev {
             ChatEvent::Text { text: t, .. } => text.push_str(&t),
+            ChatEvent::ToolCall {
+                id,
+                name,
+                arguments,
+                ..
+            } => calls.push(tool_use_block(&id, &name, &arguments)),
             ChatEvent::Finish {
                 reason,
                 stop_sequence,
                 ..
             } => stop = stop_reason(reason, stop_sequence),
             ChatEvent::Usage(u) => usage = u,
-            // The Anthropic door refuses tools for now, so no call can arrive.
-            ChatEvent::ToolCall { .. } => {}
             ChatEvent::Error(e) => return Err(e.into()),
         }
     }
+    if !calls.is_empty() && stop.0 == StopReason::EndTurn {
+        // Anthropic reports every answer that calls tools as `tool_use`, a forced one included.
+        stop.0 = StopReason::ToolUse;
+    }
+    let mut content = Vec::new();
+    if !text.is_empty() || calls.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    content.extend(calls);
     Ok(Json(MessagesResponse {
         id,
         kind: "message",
         role: "assistant",
         model,
-        content: vec![TextBlock { kind: "text", text }],
+        content,
         stop_reason: Some(stop.0),
         stop_sequence: stop.1,
         usage: usage_of(&usage),
     })
     .into_response())
+}
+
+/// Anthropic's id for a call: `toolu_` and the call's own suffix.
+fn tool_use_id(id: &str) -> String {
+    format!("toolu_{}", id.trim_start_matches("call_"))
+}
+
+fn tool_use_block(id: &str, name: &str, arguments: &str) -> serde_json::Value {
+    let input: serde_json::Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
+    json!({"type": "tool_use", "id": tool_use_id(id), "name": name, "input": input})
 }
 
 fn stop_reason(
@@ -100,65 +129,125 @@ fn event(kind: &str, data: serde_json::Value) -> Event {
     Event::default().event(kind).data(data.to_string())
 }
 
-/// Anthropic's event sequence: `message_start`, `content_block_start`, `ping`,
-/// `content_block_delta`..., `content_block_stop`, `message_delta`, `message_stop`; an error
-/// after the start is an `error` event that ends the stream.
-fn stream(id: String, model: String, started: parlance_providers::ChatStream) -> impl IntoResponse {
+/// Anthropic's event sequence: `message_start`, then blocks (`content_block_start`,
+/// `content_block_delta`..., `content_block_stop`; text as `text_delta`, tool calls as
+/// `tool_use` blocks with `input_json_delta` fragments), `message_delta`, `message_stop`; an
+/// error after the start is an `error` event that ends the stream. Without a forced tool call
+/// the text block opens at once, before `ping`, as Anthropic's own streams do.
+fn stream(
+    id: String,
+    model: String,
+    started: parlance_providers::ChatStream,
+    text_first: bool,
+) -> impl IntoResponse {
     let input = started.prompt_tokens.unwrap_or(0);
-    let opening = vec![
-        event(
-            "message_start",
-            json!({"type": "message_start", "message": {
-                "id": id, "type": "message", "role": "assistant", "model": model,
-                "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": input, "output_tokens": 0,
-                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
-        ),
+    let text_start = |index: u32| {
         event(
             "content_block_start",
-            json!({"type": "content_block_start", "index": 0,
+            json!({"type": "content_block_start", "index": index,
                    "content_block": {"type": "text", "text": ""}}),
-        ),
-        event("ping", json!({"type": "ping"})),
-    ];
+        )
+    };
+    let block_stop = |index: u32| {
+        event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        )
+    };
+    let mut opening = vec![event(
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 0,
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
+    )];
+    if text_first {
+        opening.push(text_start(0));
+    }
+    opening.push(event("ping", json!({"type": "ping"})));
     let mut stop = (StopReason::EndTurn, None);
+    let mut text_open = text_first;
+    let mut index = 0u32;
+    let mut any_block = text_first;
+    let mut saw_tool = false;
     let body = started.events.flat_map(move |ev| {
-        let out = match ev {
-            ChatEvent::Text { text, .. } if text.is_empty() => vec![],
-            ChatEvent::ToolCall { .. } => vec![],
-            ChatEvent::Text { text, .. } => vec![event(
-                "content_block_delta",
-                json!({"type": "content_block_delta", "index": 0,
-                       "delta": {"type": "text_delta", "text": text}}),
-            )],
+        let mut out = Vec::new();
+        match ev {
+            ChatEvent::Text { text, .. } if text.is_empty() => {}
+            ChatEvent::Text { text, .. } => {
+                if !text_open {
+                    out.push(text_start(index));
+                    text_open = true;
+                    any_block = true;
+                }
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "text_delta", "text": text}}),
+                ));
+            }
+            ChatEvent::ToolCall {
+                id,
+                name,
+                arguments,
+                ..
+            } => {
+                if text_open {
+                    out.push(block_stop(index));
+                    index += 1;
+                    text_open = false;
+                }
+                out.push(event(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": index,
+                           "content_block": {"type": "tool_use", "id": tool_use_id(&id),
+                                             "name": name, "input": {}}}),
+                ));
+                let chars: Vec<char> = arguments.chars().collect();
+                for piece in chars.chunks(16) {
+                    let partial: String = piece.iter().collect();
+                    out.push(event(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": partial}}),
+                    ));
+                }
+                out.push(block_stop(index));
+                index += 1;
+                any_block = true;
+                saw_tool = true;
+            }
             ChatEvent::Finish {
                 reason,
                 stop_sequence,
                 ..
             } => {
                 stop = stop_reason(reason, stop_sequence);
-                vec![]
+                if saw_tool && stop.0 == StopReason::EndTurn {
+                    stop.0 = StopReason::ToolUse;
+                }
             }
             ChatEvent::Usage(u) => {
-                let usage = usage_of(&u);
-                vec![
-                    event(
-                        "content_block_stop",
-                        json!({"type": "content_block_stop", "index": 0}),
-                    ),
-                    event(
-                        "message_delta",
-                        json!({"type": "message_delta",
-                               "delta": {"stop_reason": stop.0, "stop_sequence": stop.1},
-                               "usage": usage}),
-                    ),
-                    event("message_stop", json!({"type": "message_stop"})),
-                ]
+                if !any_block {
+                    out.push(text_start(index));
+                    text_open = true;
+                }
+                if text_open {
+                    out.push(block_stop(index));
+                }
+                out.push(event(
+                    "message_delta",
+                    json!({"type": "message_delta",
+                           "delta": {"stop_reason": stop.0, "stop_sequence": stop.1},
+                           "usage": usage_of(&u)}),
+                ));
+                out.push(event("message_stop", json!({"type": "message_stop"})));
             }
             ChatEvent::Error(e) => {
-                vec![event("error", error_body(&e, e.status(Default::default())))]
+                out.push(event("error", error_body(&e, e.status(Default::default()))))
             }
-        };
+        }
         futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
     });
     let all: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
