@@ -199,7 +199,7 @@ def test_tool_calls_with_the_sdk(client: OpenAI):
     # The call and its result go back in the history; the model answers in text.
     msgs += [r.choices[0].message.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
-    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="none", max_tokens=20)
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="none", max_tokens=20, seed=1)
     assert r2.choices[0].message.content
 
 
@@ -207,18 +207,22 @@ def test_anthropic_sdk_tool_use(server):
     import anthropic
     c = anthropic.Anthropic(base_url=server, api_key="sk-sdk-test", max_retries=0)
     tools = [{"name": "get_weather", "description": "Weather in a city",
-              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                               "required": ["city"]}}]
     msgs = [{"role": "user", "content": "Weather in Rome?"}]
     one = {"type": "any", "disable_parallel_tool_use": True}
-    m = c.messages.create(model=MODEL, max_tokens=120, tools=tools, tool_choice=one, messages=msgs)
+    greedy = {"temperature": 0}  # greedy, so the plain and streamed calls are the same
+    m = c.messages.create(model=MODEL, max_tokens=120, tools=tools, tool_choice=one, messages=msgs,
+                          extra_body=greedy)
     type(m).model_validate(m.model_dump(mode="json"), strict=True)
     assert m.stop_reason == "tool_use"
     use = next(b for b in m.content if b.type == "tool_use")
     assert use.name == "get_weather" and "city" in use.input
-    with c.messages.stream(model=MODEL, max_tokens=120, tools=tools, tool_choice=one, messages=msgs) as s:
+    with c.messages.stream(model=MODEL, max_tokens=120, tools=tools, tool_choice=one, messages=msgs,
+                           extra_body=greedy) as s:
         final = s.get_final_message()
     streamed = next(b for b in final.content if b.type == "tool_use")
-    assert streamed.name == "get_weather" and "city" in streamed.input
+    assert streamed.name == use.name and streamed.input == use.input
     msgs += [{"role": "assistant", "content": m.content},
              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"}]}]
     r = c.messages.create(model=MODEL, max_tokens=20, tools=tools, tool_choice={"type": "none"}, messages=msgs)
