@@ -19,6 +19,8 @@ pub enum Constraint {
     JsonObject,
     /// JSON valid against this schema.
     JsonSchema(serde_json::Value),
+    /// A grammar in llguidance's Lark dialect (`%json { ... }` embeds a schema).
+    Lark(String),
 }
 
 /// A compiled constraint, ready to be cloned into each sequence that uses it.
@@ -64,6 +66,9 @@ impl Compiler {
         let schema = match constraint {
             Constraint::JsonObject => serde_json::json!({"type": "object"}),
             Constraint::JsonSchema(s) => s.clone(),
+            Constraint::Lark(src) => {
+                return self.compile_grammar(src.clone(), TopLevelGrammar::from_lark(src.clone()))
+            }
         };
         if !schema.is_object() && !schema.is_boolean() {
             return Err(GrammarError("the schema must be a JSON object".into()));
@@ -82,9 +87,18 @@ impl Compiler {
                 serde_json::json!({"whitespace_flexible": false}),
             );
         }
+        self.compile_grammar(key, TopLevelGrammar::from_json_schema(schema))
+    }
+
+    fn compile_grammar(&self, key: String, top: TopLevelGrammar) -> Result<Grammar, GrammarError> {
+        if let Ok(cache) = self.cache.lock() {
+            if let Some(g) = cache.get(&key) {
+                return Ok(g.clone());
+            }
+        }
         let parser = self
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
+            .create_parser(top)
             .map_err(|e| GrammarError(e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {

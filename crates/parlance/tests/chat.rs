@@ -701,3 +701,61 @@ async fn tool_calls_required_named_none_and_streamed() {
     assert_eq!(status, 200, "{v}");
     assert!(v["choices"][0]["message"]["content"].is_string());
 }
+
+#[tokio::test]
+async fn auto_with_strict_tools_is_text_or_a_valid_call() {
+    let s = shared();
+    let mut tools = json!([weather_tools()[0].clone()]);
+    tools[0]["function"]["strict"] = json!(true);
+    let mut body = chat("What is the weather in Paris?");
+    body["tools"] = tools.clone();
+    body["tool_choice"] = json!("auto");
+    body["n"] = json!(8);
+    body["max_tokens"] = json!(60);
+    let mut calls_seen = 0;
+    let mut total = 0;
+    let mut choices = Vec::new();
+    for seed in 1..4 {
+        body["seed"] = json!(seed);
+        let (status, _, v) = post(s, &body).await;
+        assert_eq!(status, 200, "{v}");
+        choices.extend(v["choices"].as_array().unwrap().iter().cloned());
+    }
+    for c in &choices {
+        total += 1;
+        match c["message"]["tool_calls"].as_array() {
+            Some(calls) => {
+                calls_seen += 1;
+                assert_eq!(c["finish_reason"], "tool_calls");
+                for call in calls {
+                    let args: Value =
+                        serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+                            .unwrap();
+                    assert!(
+                        args["city"]
+                            .as_str()
+                            .is_some_and(|c| c.chars().count() <= 30),
+                        "{args}"
+                    );
+                }
+            }
+            None => {
+                let text = c["message"]["content"].as_str().unwrap();
+                assert!(!text.starts_with("<tool_call>"), "{text}");
+                assert_ne!(c["finish_reason"], "tool_calls");
+            }
+        }
+    }
+    // The grammar lets the model choose: with these seeds it both answers and calls.
+    assert!(
+        calls_seen > 0 && calls_seen < total,
+        "{calls_seen} calls in {total}"
+    );
+    // A strict function whose schema cannot be enforced is refused before any work.
+    tools[0]["function"]["parameters"] =
+        json!({"type": "object", "properties": {"x": {"type": "nonsense"}}});
+    body["tools"] = tools;
+    let (status, _, v) = post(s, &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tools");
+}

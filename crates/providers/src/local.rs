@@ -84,7 +84,14 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
         &request.tool_choice,
         request.parallel_tool_calls,
     );
+    let auto = match (&request.tool_choice, &request.response_format) {
+        (ToolChoice::Auto, None) => {
+            tools::auto_grammar(&request.tools, request.parallel_tool_calls)
+        }
+        _ => None,
+    };
     let constraint = match (&request.response_format, forced) {
+        (None, None) if auto.is_some() => auto.map(|g| (Constraint::Lark(g), "tools")),
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
                 "response_format",

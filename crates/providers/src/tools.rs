@@ -118,6 +118,20 @@ fn call_of(v: &Value, tools: &[Tool]) -> Option<ParsedCall> {
     })
 }
 
+/// The grammar for `auto` when any function is `strict`: either text (which cannot start like a
+/// call) or calls whose arguments follow their function's schema.
+pub fn auto_grammar(tools: &[Tool], parallel: bool) -> Option<String> {
+    if !tools.iter().any(|t| t.strict) {
+        return None;
+    }
+    let any: Vec<Value> = tools.iter().map(call_schema).collect();
+    let schema = json!({"anyOf": any, "x-guidance": {"whitespace_flexible": false}});
+    let calls = if parallel { "call+" } else { "call" };
+    Some(format!(
+        "start: text | calls\ntext: TEXT?\nTEXT: /[^<][\\s\\S]*/\ncalls: {calls}\ncall: \"{OPEN}\" %json {schema} \"{CLOSE}\"\n"
+    ))
+}
+
 /// The calls in a forced output (one object or an array of them).
 pub fn parse_forced(text: &str, tools: &[Tool]) -> Vec<ParsedCall> {
     match serde_json::from_str::<Value>(text.trim()) {
