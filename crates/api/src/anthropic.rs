@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::chat::{ChatRequest, Message, Role, Tool, ToolChoice};
+use crate::chat::{parse_body, ChatRequest, Message, Role, Tool, ToolChoice};
 use crate::error::ApiError;
 
 /// The body as it arrives; unknown fields are ignored.
@@ -43,19 +43,7 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Result<
 
 /// Parses and validates a Messages request into the shared internal request.
 pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::malformed(format!("The request body is not valid JSON: {e}"), None)
-    })?;
-    if !value.is_object() {
-        return Err(ApiError::malformed(
-            "The request body must be a JSON object.",
-            None,
-        ));
-    }
-    let raw: RawMessagesRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::malformed(format!("{path}: {}", e.inner()), Some(path))
-    })?;
+    let raw: RawMessagesRequest = parse_body(body)?;
     let model = raw
         .model
         .filter(|m| !m.trim().is_empty())

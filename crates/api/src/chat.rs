@@ -205,6 +205,11 @@ struct RawStreamOptions {
 
 /// Parses and validates a request body.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    validate(parse_body(body)?)
+}
+
+/// Decodes a JSON object body into `T`; wrong JSON or wrong types are 400s naming the path.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::malformed(
             format!("We could not parse the JSON body of your request: {e}. The body must be a JSON object."),
@@ -217,14 +222,13 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
             None,
         ));
     }
-    let raw: RawRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
+    serde_path_to_error::deserialize(&value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::malformed(
             format!("Invalid type for '{path}': {}", e.inner()),
             Some(path),
         )
-    })?;
-    validate(raw)
+    })
 }
 
 fn unsupported(param: &str, what: &str) -> ApiError {

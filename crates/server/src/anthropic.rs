@@ -3,7 +3,6 @@
 //! shared events are encoded as an Anthropic message or its event stream.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,14 +31,8 @@ pub(crate) async fn messages(
     Extension(principal): Extension<Principal>,
     body: Body,
 ) -> Result<Response, Failure> {
-    if state.shutting_down.load(Ordering::SeqCst) {
-        return Err(ApiError::NotReady("The server is shutting down.".into()).into());
-    }
-    let bytes = axum::body::to_bytes(body, state.body_limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(state.body_limit))?;
-    let request = parse_messages_request(&bytes)?;
-    let started = state.platform.chat(&principal, &request).await?;
+    let (request, started) =
+        crate::chat::begin(&state, &principal, body, parse_messages_request).await?;
     let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
     let model = request.model.clone();
     if request.stream {

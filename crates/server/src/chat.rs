@@ -23,19 +23,31 @@ use parlance_providers::ChatEvent;
 use crate::error::Failure;
 use crate::AppState;
 
-pub(crate) async fn completions(
-    State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Principal>,
+/// What both doors do first: refuse during shutdown, read the body within its limit, parse it
+/// with the door's parser into the shared request, and start it through the platform.
+pub(crate) async fn begin(
+    state: &AppState,
+    principal: &Principal,
     body: Body,
-) -> Result<Response, Failure> {
+    parse: fn(&[u8]) -> Result<ChatRequest, ApiError>,
+) -> Result<(ChatRequest, Started), Failure> {
     if state.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::NotReady("The server is shutting down.".into()).into());
     }
     let bytes = axum::body::to_bytes(body, state.body_limit)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(state.body_limit))?;
-    let request = parse_chat_request(&bytes)?;
-    let started = state.platform.chat(&principal, &request).await?;
+    let request = parse(&bytes)?;
+    let started = state.platform.chat(principal, &request).await?;
+    Ok((request, started))
+}
+
+pub(crate) async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    body: Body,
+) -> Result<Response, Failure> {
+    let (request, started) = begin(&state, &principal, body, parse_chat_request).await?;
     let meta = Meta {
         id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
         created: SystemTime::now()
