@@ -13,7 +13,8 @@ cargo fmt --all --check
 echo "== build" >&2
 cargo build -p parlance -j "$jobs"
 echo "== default model" >&2
-target/debug/parlance pull
+export PARLANCE_BIN="${PARLANCE_BIN:-${CARGO_TARGET_DIR:-target}/debug/parlance}"
+"$PARLANCE_BIN" pull
 echo "== clippy" >&2
 cargo clippy --all-targets -j "$jobs" -- -D warnings
 echo "== rust tests" >&2
