@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::chat::{parse_body, ChatRequest, Message, Role, Tool, ToolChoice};
+use crate::chat::{parse_body, valid_function_name, ChatRequest, Message, Role, Tool, ToolChoice};
 use crate::error::ApiError;
 
 /// The body as it arrives; unknown fields are ignored.
@@ -172,12 +172,7 @@ fn parse_tools(v: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
                     Some(format!("tools.{i}.name")),
                 )
             })?;
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
+            if !valid_function_name(name) {
                 return Err(ApiError::invalid(
                     format!("tools.{i}.name"),
                     format!(

@@ -487,7 +487,8 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
     })
 }
 
-fn valid_function_name(name: &str) -> bool {
+/// Names of functions and schemas: 1 to 64 of a-z, A-Z, 0-9, `_`, `-`.
+pub(crate) fn valid_function_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -603,12 +604,7 @@ fn parse_response_format(rf: &Value) -> Result<Option<ResponseFormat>, ApiError>
                     Some("response_format.json_schema.name".into()),
                 )
             })?;
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
+            if !valid_function_name(name) {
                 return Err(ApiError::invalid(
                     "response_format.json_schema.name",
                     "Invalid 'response_format.json_schema.name': use 1 to 64 characters among a-z, A-Z, 0-9, '_' and '-'.",

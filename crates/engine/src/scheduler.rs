@@ -435,7 +435,6 @@ impl<'m> Scheduler<'m> {
     }
 
     fn sample_all(&mut self) {
-        let ban_eog: Vec<u32> = Vec::new();
         for i in 0..self.seqs.len() {
             let Some(at) = self.seqs[i].logits_at else {
                 continue;
@@ -445,11 +444,7 @@ impl<'m> Scheduler<'m> {
                 continue;
             };
             let g = &req.generation;
-            let banned = if g.ignore_eos {
-                &self.model.eog
-            } else {
-                &ban_eog
-            };
+            let banned: &[u32] = if g.ignore_eos { &self.model.eog } else { &[] };
             let max_tokens = g.max_tokens;
             let want_logprobs = g.logprobs;
             let tx = req.tx.clone();
