@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the system packages the build needs, if missing: cmake, clang and libclang (for the
-# llama.cpp bindings), a C++ compiler, and Python 3 with pip (which fetches the default model).
+# Installs the system packages the build and tests need, if missing: cmake, clang and libclang
+# (for the llama.cpp bindings), a C++ compiler, Python 3 with pip (which fetches the default
+# model), and the PostgreSQL and Redis servers the storage and limit tests run against.
 # Debian/Ubuntu: uses apt-get (as root, or through sudo).
 set -euo pipefail
 
@@ -11,6 +12,8 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux
 command -v g++ >/dev/null || need+=(g++)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null || need+=(redis-server)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Runs every check and test, as CI does: installs what is missing, fetches the default model,
-# then format, lints, the Rust suites (unit, property, end-to-end against the real binary and
-# model) and the official-SDK suite in Python.
+# starts private PostgreSQL and Redis servers on loopback (stopped again on exit), then format,
+# lints, the Rust suites (unit, property, storage on SQLite/PostgreSQL/Redis, end-to-end against
+# the real binary and model) and the official-SDK suite in Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
 jobs="${CARGO_BUILD_JOBS:-$(nproc)}"
+echo "== services" >&2
+# shellcheck source=scripts/services.sh
+source scripts/services.sh start
+trap 'scripts/services.sh stop' EXIT
 echo "== format" >&2
 cargo fmt --all --check
 echo "== build" >&2

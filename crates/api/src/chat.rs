@@ -209,7 +209,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
 }
 
 /// Decodes a JSON object body into `T`; wrong JSON or wrong types are 400s naming the path.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::malformed(
             format!("We could not parse the JSON body of your request: {e}. The body must be a JSON object."),

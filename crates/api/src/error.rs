@@ -67,9 +67,82 @@ pub enum ApiError {
     /// The service is not ready (a model is loading, or the server is shutting down).
     #[error("{0}")]
     NotReady(String),
+    /// The account's balance cannot cover the request's worst-case cost.
+    #[error("Insufficient balance: this request may cost up to {needed} micro-units and the account has {balance} available. Add credits to continue.")]
+    InsufficientBalance {
+        /// The worst-case cost, micro-units.
+        needed: i64,
+        /// The balance available, micro-units.
+        balance: i64,
+    },
+    /// The key is over one of its limits.
+    #[error("{message}")]
+    RateLimited {
+        /// What limit, and when to retry.
+        message: String,
+        /// `requests` or `tokens` (OpenAI's `type`).
+        limit: &'static str,
+        /// Seconds until a retry can succeed.
+        retry_after: u32,
+        /// The `x-ratelimit-*` headers.
+        headers: RateLimitHeaders,
+    },
+    /// A resource of the admin or platform API does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The admin API refused the token.
+    #[error("{0}")]
+    AdminUnauthorized(String),
+    /// The resource already exists.
+    #[error("{0}")]
+    Conflict(String),
     /// Anything else: the message is generic, details go to the log only.
     #[error("The server had an error while processing your request. Sorry about that!")]
     Internal,
+}
+
+/// Where a key stands against its limits, as OpenAI's `x-ratelimit-*` headers say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimitHeaders {
+    /// Requests per minute and requests left in this window.
+    pub requests: Option<(u64, u64)>,
+    /// Tokens per minute and tokens left in this window.
+    pub tokens: Option<(u64, u64)>,
+    /// Milliseconds until the window resets.
+    pub reset_ms: u64,
+}
+
+/// A duration the way OpenAI writes its reset headers: `59ms`, `12s`, `1m0s`.
+pub fn reset_duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = ms as f64 / 1000.0;
+        let text = format!("{s:.3}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        format!("{text}s")
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+impl RateLimitHeaders {
+    /// The header names and values.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let reset = reset_duration(self.reset_ms);
+        let mut out = Vec::new();
+        if let Some((limit, left)) = self.requests {
+            out.push(("x-ratelimit-limit-requests", limit.to_string()));
+            out.push(("x-ratelimit-remaining-requests", left.to_string()));
+            out.push(("x-ratelimit-reset-requests", reset.clone()));
+        }
+        if let Some((limit, left)) = self.tokens {
+            out.push(("x-ratelimit-limit-tokens", limit.to_string()));
+            out.push(("x-ratelimit-remaining-tokens", left.to_string()));
+            out.push(("x-ratelimit-reset-tokens", reset));
+        }
+        out
+    }
 }
 
 /// The envelope body.
@@ -139,6 +212,11 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::Overloaded(_) => 503,
             ApiError::NotReady(_) => 503,
+            ApiError::InsufficientBalance { .. } => 402,
+            ApiError::RateLimited { .. } => 429,
+            ApiError::NotFound(_) => 404,
+            ApiError::AdminUnauthorized(_) => 401,
+            ApiError::Conflict(_) => 409,
             ApiError::Internal => 500,
         }
     }
@@ -153,8 +231,12 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed(_)
-            | ApiError::PayloadTooLarge(_) => "invalid_request_error",
-            ApiError::Unauthorized(_) => "authentication_error",
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::NotFound(_)
+            | ApiError::Conflict(_) => "invalid_request_error",
+            ApiError::Unauthorized(_) | ApiError::AdminUnauthorized(_) => "authentication_error",
+            ApiError::InsufficientBalance { .. } => "insufficient_balance",
+            ApiError::RateLimited { limit, .. } => limit,
             ApiError::Overloaded(_) | ApiError::NotReady(_) => "service_unavailable_error",
             ApiError::Internal => "server_error",
         }
@@ -174,6 +256,11 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => Some("payload_too_large"),
             ApiError::Overloaded(_) => Some("overloaded"),
             ApiError::NotReady(_) => Some("not_ready"),
+            ApiError::InsufficientBalance { .. } => Some("insufficient_balance"),
+            ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
+            ApiError::NotFound(_) => Some("not_found"),
+            ApiError::AdminUnauthorized(_) => Some("invalid_admin_token"),
+            ApiError::Conflict(_) => Some("conflict"),
             ApiError::Internal => Some("internal_error"),
         }
     }
@@ -193,6 +280,11 @@ impl ApiError {
             | ApiError::PayloadTooLarge(_)
             | ApiError::Overloaded(_)
             | ApiError::NotReady(_)
+            | ApiError::InsufficientBalance { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::NotFound(_)
+            | ApiError::AdminUnauthorized(_)
+            | ApiError::Conflict(_)
             | ApiError::Internal => None,
         }
     }
@@ -201,6 +293,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::Overloaded(_) | ApiError::NotReady(_) => Some(1),
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -229,6 +322,27 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"error": {"message": "too hot", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}})
+        );
+    }
+
+    #[test]
+    fn reset_headers_read_like_openai() {
+        assert_eq!(reset_duration(59), "59ms");
+        assert_eq!(reset_duration(12_000), "12s");
+        assert_eq!(reset_duration(1_500), "1.5s");
+        assert_eq!(reset_duration(60_000), "1m0s");
+        let h = RateLimitHeaders {
+            requests: Some((10, 3)),
+            tokens: None,
+            reset_ms: 2_000,
+        };
+        assert_eq!(
+            h.pairs(),
+            vec![
+                ("x-ratelimit-limit-requests", "10".to_owned()),
+                ("x-ratelimit-remaining-requests", "3".to_owned()),
+                ("x-ratelimit-reset-requests", "2s".to_owned()),
+            ]
         );
     }
 

@@ -6,5 +6,5 @@ pub mod chat;
 pub mod error;
 pub mod models;
 
-pub use chat::{parse_chat_request, ChatRequest, FinishReason, Message, Role, Usage};
-pub use error::{ApiError, StatusConvention};
+pub use chat::{parse_body, parse_chat_request, ChatRequest, FinishReason, Message, Role, Usage};
+pub use error::{reset_duration, ApiError, RateLimitHeaders, StatusConvention};

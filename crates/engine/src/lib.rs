@@ -192,16 +192,56 @@ pub enum EngineError {
     Context(String),
 }
 
+/// What a generation consumed, reported once the engine is done with it, however it ended
+/// (finished, failed, or cancelled by dropping its stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    /// Whether it got sequences (its prompt was, at least in part, processed).
+    pub admitted: bool,
+    /// Prompt tokens reused instead of computed.
+    pub cached_tokens: u32,
+    /// Tokens generated, over all choices.
+    pub completion_tokens: u32,
+}
+
+/// Counts a generation's work; sends the [`Tally`] when the scheduler drops its last copy.
+#[derive(Debug)]
+pub(crate) struct TallyGuard {
+    pub admitted: std::sync::atomic::AtomicBool,
+    pub cached_tokens: std::sync::atomic::AtomicU32,
+    pub completion_tokens: std::sync::atomic::AtomicU32,
+    tx: Option<tokio::sync::oneshot::Sender<Tally>>,
+}
+
+impl Drop for TallyGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Tally {
+                admitted: self.admitted.load(Ordering::Acquire),
+                cached_tokens: self.cached_tokens.load(Ordering::Acquire),
+                completion_tokens: self.completion_tokens.load(Ordering::Acquire),
+            });
+        }
+    }
+}
+
 /// Events of one generation. Dropping it cancels the generation.
 #[derive(Debug)]
 pub struct GenerationStream {
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    tally: Option<tokio::sync::oneshot::Receiver<Tally>>,
 }
 
 impl GenerationStream {
     /// The next event, or `None` when the generation is over.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
+    }
+
+    /// Resolves with what the generation consumed once the engine is done with it, even if
+    /// this stream was dropped first (the first call takes it; later calls get `None`).
+    pub fn tally(&mut self) -> Option<tokio::sync::oneshot::Receiver<Tally>> {
+        self.tally.take()
     }
 
     /// The next event, waiting on the current thread (for use outside async code).
@@ -314,15 +354,25 @@ impl Engine {
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tally_tx, tally) = tokio::sync::oneshot::channel();
+        let guard = Arc::new(TallyGuard {
+            admitted: false.into(),
+            cached_tokens: 0.into(),
+            completion_tokens: 0.into(),
+            tx: Some(tally_tx),
+        });
         if self
             .commands
-            .send(scheduler::Command::Submit(Box::new((generation, tx))))
+            .send(scheduler::Command::Submit(Box::new((generation, tx, guard))))
             .is_err()
         {
             self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
-        Ok(GenerationStream { rx })
+        Ok(GenerationStream {
+            rx,
+            tally: Some(tally),
+        })
     }
 }
 

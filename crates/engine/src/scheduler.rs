@@ -32,10 +32,12 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::model::{backend, LoadedModel};
 use crate::sampling::{log_probs, Sampler};
 use crate::text::{AlignedQueue, StopMatcher, Utf8Decoder};
-use crate::{EngineConfig, EngineError, Event, FinishReason, Gauges, Generation, TokenLogprob};
+use crate::{
+    EngineConfig, EngineError, Event, FinishReason, Gauges, Generation, TallyGuard, TokenLogprob,
+};
 
 pub(crate) enum Command {
-    Submit(Box<(Generation, UnboundedSender<Event>)>),
+    Submit(Box<(Generation, UnboundedSender<Event>, Arc<TallyGuard>)>),
     Shutdown,
 }
 
@@ -110,6 +112,8 @@ struct Request {
     id: u64,
     generation: Generation,
     tx: UnboundedSender<Event>,
+    /// Counts the work; reports it when the last copy of the request is dropped.
+    tally: Arc<TallyGuard>,
     /// The next choice index not yet given a sequence.
     next_choice: u32,
     /// Choices finished so far.
@@ -224,12 +228,13 @@ impl<'m> Scheduler<'m> {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(b) => {
-                let (generation, tx) = *b;
+                let (generation, tx, tally) = *b;
                 self.next_id += 1;
                 self.waiting.push_back(Request {
                     id: self.next_id,
                     generation,
                     tx,
+                    tally,
                     next_choice: 0,
                     finished: 0,
                     admitted: false,
@@ -322,6 +327,7 @@ impl<'m> Scheduler<'m> {
             req.next_choice += k;
             if !req.admitted {
                 req.admitted = true;
+                req.tally.admitted.store(true, Ordering::Release);
                 self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
                 let _ = req.tx.send(Event::Admitted { cached_tokens: 0 });
             }
@@ -330,6 +336,7 @@ impl<'m> Scheduler<'m> {
                 id: req.id,
                 generation: req.generation.clone(),
                 tx: req.tx.clone(),
+                tally: req.tally.clone(),
                 next_choice: req.next_choice,
                 finished: 0,
                 admitted: true,
@@ -448,6 +455,7 @@ impl<'m> Scheduler<'m> {
             let max_tokens = g.max_tokens;
             let want_logprobs = g.logprobs;
             let tx = req.tx.clone();
+            req.tally.completion_tokens.fetch_add(1, Ordering::AcqRel);
             let logits = self.ctx.get_logits_ith(at);
             let s = &mut self.seqs[i];
             let mask = match s.grammar.as_mut().map(|m| m.compute_mask_or_eos()) {

@@ -27,6 +27,12 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Largest request body, in bytes.
     pub body_limit_bytes: Option<usize>,
+    /// `sqlite://PATH` or `postgres://…` (default: SQLite in the data directory).
+    pub database_url: Option<String>,
+    /// `redis://…`: shared rate-limit counters for several replicas.
+    pub redis_url: Option<String>,
+    /// Token of the admin API (absent: the admin API is closed).
+    pub admin_token: Option<String>,
     /// Defaults for every local model.
     #[serde(default)]
     pub engine: EngineSection,
@@ -97,9 +103,35 @@ pub struct ModelSection {
     pub name: String,
     /// GGUF file; `default` or absent: the default model (fetched on first use).
     pub path: Option<String>,
+    /// Micro-units per million tokens (`{ prompt, cached_prompt, completion }`); free when
+    /// absent.
+    #[serde(default)]
+    pub price: parlance_platform::Price,
     /// Overrides of the engine defaults.
     #[serde(flatten)]
     pub engine: EngineSection,
+}
+
+/// Where parlance keeps its database by default: `$PARLANCE_DATA_DIR`, else the user's data
+/// directory.
+pub fn data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("PARLANCE_DATA_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    Ok(dirs::data_dir()
+        .context("no data directory for this user; set PARLANCE_DATA_DIR or --database-url")?
+        .join("parlance"))
+}
+
+/// The database URL: the given one, else SQLite in the data directory (created if missing).
+pub fn database_url(given: Option<&str>) -> anyhow::Result<String> {
+    if let Some(u) = given.filter(|u| !u.trim().is_empty()) {
+        return Ok(u.to_owned());
+    }
+    let dir = data_dir()?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    Ok(format!("sqlite://{}", dir.join("parlance.db").display()))
 }
 
 /// Reads a configuration file.
@@ -138,6 +170,16 @@ mod tests {
         assert!(r.is_err());
         let r: Result<FileConfig, _> = toml::from_str("[[models]]\nname = \"a\"\nthreads = 2\n");
         assert_eq!(r.ok().map(|c| c.models[0].engine.threads), Some(Some(2)));
+        let r: Result<FileConfig, _> = toml::from_str(
+            "[[models]]\nname = \"a\"\nprice = { prompt = 150000, completion = 600000 }\n",
+        );
+        assert_eq!(
+            r.ok().map(|c| (c.models[0].price.prompt, c.models[0].price.cached_prompt)),
+            Some((150_000, 0))
+        );
+        let r: Result<FileConfig, _> =
+            toml::from_str("[[models]]\nname = \"a\"\nprice = { prompt = 1.5 }\n");
+        assert!(r.is_err(), "money is an integer");
     }
 
     #[test]

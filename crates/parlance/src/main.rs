@@ -1,7 +1,8 @@
-//! The `parlance` binary: `serve`, `pull` and `bench`.
+//! The `parlance` binary: `serve`, `pull`, `keys`, `credits` and `bench`.
 
 mod bench;
 mod config;
+mod manage;
 mod pull;
 mod serve;
 
@@ -25,6 +26,20 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Manage API keys (in the server's database).
+    Keys {
+        #[command(flatten)]
+        db: manage::DbArgs,
+        #[command(subcommand)]
+        cmd: manage::KeysCmd,
+    },
+    /// Manage accounts' prepaid credits (in the server's database).
+    Credits {
+        #[command(flatten)]
+        db: manage::DbArgs,
+        #[command(subcommand)]
+        cmd: manage::CreditsCmd,
+    },
     /// Load-test any OpenAI-compatible server and print a table.
     Bench(bench::BenchArgs),
 }
@@ -34,6 +49,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Serve(args) => serve::run(*args),
         Cmd::Pull { force } => pull::pull(force).map(|_| ()),
+        Cmd::Keys { db, cmd } => manage::keys(&db, cmd),
+        Cmd::Credits { db, cmd } => manage::credits(&db, cmd),
         Cmd::Bench(args) => bench::run(args),
     };
     match result {

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use parlance_api::StatusConvention;
 use parlance_engine::Engine;
-use parlance_platform::{Catalog, CatalogEntry, Platform, StaticKeys};
+use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
+use parlance_store::{Limiter, Store};
 use parlance_providers::LocalProvider;
 use parlance_server::AppState;
 
@@ -38,6 +39,17 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+    /// Database: `sqlite://PATH` or `postgres://USER@HOST/DB` [default: SQLite file
+    /// `parlance.db` in $PARLANCE_DATA_DIR or the user's data directory].
+    #[arg(long, env = "PARLANCE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Redis for rate-limit counters shared by replicas (`redis://HOST:PORT/`); without it
+    /// the counters are per process.
+    #[arg(long, env = "PARLANCE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Token that opens the admin API (`/admin/...`); without one it is closed.
+    #[arg(long, env = "PARLANCE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Serve without API keys on an address other than loopback.
     #[arg(long, env = "PARLANCE_ALLOW_UNAUTHENTICATED")]
     allow_unauthenticated: bool,
@@ -90,6 +102,7 @@ struct ModelSpec {
     name: String,
     path: PathBuf,
     engine: EngineSection,
+    price: Price,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -128,6 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             name,
             path,
             engine: defaults.clone(),
+            price: Price::default(),
         });
     }
     if specs.is_empty() {
@@ -136,10 +150,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 None | Some("default") => pull::ensure_default_model()?,
                 Some(p) => PathBuf::from(p),
             };
+            m.price
+                .validate()
+                .map_err(|e| anyhow::anyhow!("model {}: {e}", m.name))?;
             specs.push(ModelSpec {
                 name: m.name.clone(),
                 path,
                 engine: flags.or(&m.engine).or(&file.engine),
+                price: m.price,
             });
         }
     }
@@ -148,19 +166,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             name: pull::DEFAULT_MODEL_NAME.into(),
             path: pull::ensure_default_model()?,
             engine: defaults.clone(),
+            price: Price::default(),
         });
     }
 
     let mut keys: Vec<String> = file.api_keys.clone();
     keys.extend(args.api_keys.iter().cloned());
-    let auth = StaticKeys::new(&keys);
+    let statics = StaticKeys::new(&keys);
     let open_ok = args.allow_unauthenticated || file.allow_unauthenticated.unwrap_or(false);
-    if auth.is_empty() {
-        if !addr.ip().is_loopback() && !open_ok {
-            bail!("refusing to serve {addr} without API keys: set --api-key (or PARLANCE_API_KEYS), or pass --allow-unauthenticated to serve anyone who can reach it");
-        }
-        tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication");
-    }
+    let database_url = config::database_url(
+        args.database_url
+            .as_deref()
+            .or(file.database_url.as_deref()),
+    )?;
+    let redis_url = args.redis_url.clone().or(file.redis_url.clone());
+    let admin_token = args.admin_token.clone().or(file.admin_token.clone());
     let convention = match args.invalid_value_status.or(file.invalid_value_status) {
         None | Some(400) => StatusConvention::OpenAi,
         Some(422) => StatusConvention::Unprocessable,
@@ -196,24 +216,42 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             name: spec.name,
             provider: Arc::new(LocalProvider::new(Arc::new(engine))),
             created: now,
+            price: spec.price,
         });
     }
-
-    let platform = Platform {
-        catalog: Arc::new(catalog),
-        auth: Arc::new(auth),
-    };
-    let mut state = AppState::new(platform);
-    state.convention = convention;
-    if let Some(limit) = file.body_limit_bytes {
-        state.body_limit = limit;
-    }
-    let state = Arc::new(state);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let store = Store::open(&database_url)
+            .await
+            .with_context(|| format!("cannot open the database {}", redact(&database_url)))?;
+        tracing::info!(database = %redact(&database_url), "database ready");
+        let limiter = match &redis_url {
+            Some(u) => {
+                let l = Limiter::redis(u)
+                    .await
+                    .with_context(|| format!("cannot reach Redis at {}", redact(u)))?;
+                tracing::info!(redis = %redact(u), "rate-limit counters in Redis");
+                l
+            }
+            None => Limiter::local(),
+        };
+        let keys = Keys::new(statics, store.clone());
+        if keys.is_open().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if !addr.ip().is_loopback() && !open_ok {
+                bail!("refusing to serve {addr} without API keys: create one (`parlance keys create`), set --api-key (or PARLANCE_API_KEYS), or pass --allow-unauthenticated to serve anyone who can reach it");
+            }
+            tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication");
+        }
+        let platform = Platform::new(catalog, Arc::new(keys), store, limiter);
+        let mut state = AppState::new(platform.clone()).with_admin_token(admin_token.as_deref());
+        state.convention = convention;
+        if let Some(limit) = file.body_limit_bytes {
+            state.body_limit = limit;
+        }
+        let state = Arc::new(state);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -237,9 +275,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 });
             })
             .await?;
+        // Every request has finished: settle what is open and write the last usage records.
+        platform.shutdown(Duration::from_secs(10)).await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// A URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -16,6 +16,8 @@ pub struct CatalogEntry {
     pub provider: Arc<dyn ChatProvider>,
     /// Unix seconds it was added.
     pub created: u64,
+    /// What it costs.
+    pub price: crate::Price,
 }
 
 impl std::fmt::Debug for CatalogEntry {
@@ -23,6 +25,7 @@ impl std::fmt::Debug for CatalogEntry {
         f.debug_struct("CatalogEntry")
             .field("name", &self.name)
             .field("kind", &self.provider.kind())
+            .field("price", &self.price)
             .finish()
     }
 }

@@ -1,16 +1,26 @@
-//! The domain: which models exist (the catalog), who may call (authentication), and the one
-//! function handlers call to start a chat completion.
+//! The domain: which models exist (the catalog), who may call (authentication), what they may
+//! spend (credits, rate limits), and the one function handlers call to start a chat
+//! completion: resolve, prepare, limit, reserve, start, and meter until it settles.
 
+mod admin;
 mod auth;
 mod catalog;
+mod meter;
+mod pricing;
 
-pub use auth::{Authenticator, Principal, StaticKeys};
+pub use admin::NewKey;
+pub use auth::{hash_secret, Authenticator, Keys, Principal, StaticKeys, KEY_CACHE_TTL};
 pub use catalog::{Catalog, CatalogEntry};
+pub use pricing::Price;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parlance_api::{ApiError, ChatRequest};
+use parlance_api::{ApiError, ChatRequest, RateLimitHeaders};
 use parlance_providers::ChatStream;
+use parlance_store::{Admit, LimitState, Limiter, Refusal, Reserve, Store};
+
+use meter::{Closing, Meter, Metered};
 
 /// Everything a request needs from the platform.
 #[derive(Clone)]
@@ -19,12 +29,19 @@ pub struct Platform {
     pub catalog: Arc<Catalog>,
     /// Who may call.
     pub auth: Arc<dyn Authenticator>,
+    /// Accounts, keys, ledger, usage.
+    pub store: Store,
+    /// Request and token counters.
+    pub limiter: Arc<Limiter>,
+    meter: Arc<Meter>,
 }
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Platform")
             .field("catalog", &self.catalog)
+            .field("store", &self.store.backend())
+            .field("limiter", &self.limiter)
             .finish()
     }
 }
@@ -32,19 +49,94 @@ impl std::fmt::Debug for Platform {
 /// A completion that has started, with what the response needs to describe it.
 #[derive(Debug)]
 pub struct Started {
-    /// The events.
+    /// The events, metered: dropping them cancels the work and settles what it used.
     pub stream: ChatStream,
     /// `system_fingerprint`.
     pub fingerprint: String,
+    /// The request's id (the completion id is made from it).
+    pub request_id: String,
+    /// The key's standing against its limits, for the `x-ratelimit-*` headers.
+    pub rate_limit: Option<RateLimitHeaders>,
+}
+
+fn headers(s: &LimitState) -> RateLimitHeaders {
+    RateLimitHeaders {
+        requests: s
+            .limits
+            .rpm
+            .map(|l| (l, l.saturating_sub(s.requests_used))),
+        tokens: s.limits.tpm.map(|l| (l, l.saturating_sub(s.tokens_used))),
+        reset_ms: s.reset_ms,
+    }
+}
+
+fn rate_limited(key: &str, s: &LimitState, why: Refusal, requested: u64) -> ApiError {
+    let retry_after = u32::try_from(s.reset_ms.div_ceil(1000).max(1)).unwrap_or(60);
+    let (limit, what, label, used, asked, cap) = match why {
+        Refusal::Requests => (
+            "requests",
+            "requests per minute (RPM)",
+            "requests",
+            s.requests_used,
+            1,
+            s.limits.rpm.unwrap_or(0),
+        ),
+        Refusal::Tokens => (
+            "tokens",
+            "tokens per minute (TPM)",
+            "tokens",
+            s.tokens_used,
+            requested,
+            s.limits.tpm.unwrap_or(0),
+        ),
+    };
+    let message = if asked > cap {
+        format!(
+            "Request too large for {what} on key {key}: Limit {cap}, Requested {asked} {label}. Lower max_tokens or the prompt."
+        )
+    } else {
+        format!(
+            "Rate limit reached for {what} on key {key}: Limit {cap}, Used {used}, Requested {asked}. Please try again in {retry_after}s."
+        )
+    };
+    ApiError::RateLimited {
+        message,
+        limit,
+        retry_after,
+        headers: headers(s),
+    }
 }
 
 impl Platform {
-    /// Resolves the model and starts the completion.
+    /// A platform over a catalog, keys, a store and a limiter. Starts the metering worker, so
+    /// it must be called on a Tokio runtime.
+    pub fn new(
+        catalog: Catalog,
+        auth: Arc<dyn Authenticator>,
+        store: Store,
+        limiter: Limiter,
+    ) -> Self {
+        let limiter = Arc::new(limiter);
+        let meter = Arc::new(Meter::start(store.clone(), limiter.clone()));
+        Self {
+            catalog: Arc::new(catalog),
+            auth,
+            store,
+            limiter,
+            meter,
+        }
+    }
+
+    /// Resolves the model, prepares the request, checks the key's limits, reserves the
+    /// worst-case cost, and starts the completion. Refusals come back as errors (402, 429,
+    /// 503) before any model work is done.
     pub async fn chat(
         &self,
-        _principal: &Principal,
+        principal: &Principal,
         request: &ChatRequest,
     ) -> Result<Started, ApiError> {
+        let arrived = Instant::now();
+        let created_at = parlance_store::now_ms();
         let entry = self.catalog.resolve(&request.model)?;
         if !entry.provider.ready() {
             return Err(ApiError::NotReady(format!(
@@ -52,10 +144,119 @@ impl Platform {
                 request.model
             )));
         }
-        let stream = entry.provider.complete(request).await?;
+        let prepared = entry.provider.prepare(request).await?;
+        let prompt_tokens = prepared.prompt_tokens();
+        let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
+        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let ticket = self.meter.ticket(Closing {
+            request_id: request_id.clone(),
+            created_at,
+            arrived,
+            key_id: principal.key_id.clone(),
+            account_id: principal.account_id.clone(),
+            model: entry.name.clone(),
+            provider: entry.provider.kind(),
+            user: request.user.clone(),
+            labels: request.metadata.clone(),
+            price: entry.price,
+            reserved: 0,
+            rate: None,
+            prompt_tokens,
+            tally: None,
+            usage: None,
+            first_output: None,
+            ended: None,
+            status: 200,
+            outcome: "started",
+        });
+        let Some(ticket) = ticket else {
+            return Err(ApiError::NotReady("The server is shutting down.".into()));
+        };
+
+        // Rate limits: count the request and its worst-case tokens, or refuse.
+        let mut rate_limit = None;
+        if let (Some(key), false) = (&principal.key_id, principal.limits.is_unlimited()) {
+            match self
+                .limiter
+                .acquire(key, principal.limits, worst_tokens)
+                .await
+            {
+                Ok(Admit::Allowed(s)) => {
+                    rate_limit = Some(headers(&s));
+                    let key = key.clone();
+                    ticket.update(|c| c.rate = Some((key, s.window, worst_tokens)));
+                }
+                Ok(Admit::Refused(s, why)) => {
+                    let e = rate_limited(key, &s, why, worst_tokens);
+                    meter::refused(Some(ticket), &e);
+                    return Err(e);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "rate limiter unavailable");
+                    let e = ApiError::NotReady("The rate limiter is unavailable.".into());
+                    meter::refused(Some(ticket), &e);
+                    return Err(e);
+                }
+            }
+        }
+
+        // Credits: hold the worst case, or refuse with 402.
+        let worst_cost = entry
+            .price
+            .cost(u64::from(prompt_tokens), 0, prepared.max_completion_tokens());
+        if let (Some(account), true) = (&principal.account_id, worst_cost > 0) {
+            match self.store.reserve(&request_id, account, worst_cost).await {
+                Ok(Reserve::Reserved) => ticket.update(|c| c.reserved = worst_cost),
+                Ok(Reserve::Insufficient { balance }) => {
+                    let e = ApiError::InsufficientBalance {
+                        needed: worst_cost,
+                        balance,
+                    };
+                    meter::refused(Some(ticket), &e);
+                    return Err(e);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "credit reservation failed");
+                    let e = ApiError::NotReady("The credit ledger is unavailable.".into());
+                    meter::refused(Some(ticket), &e);
+                    return Err(e);
+                }
+            }
+        }
+
+        let mut stream = match prepared.start() {
+            Ok(s) => s,
+            Err(e) => {
+                meter::refused(Some(ticket), &e);
+                return Err(e);
+            }
+        };
+        // The tally watcher holds the ticket until the provider says what the work used.
+        if let Some(rx) = stream.tally.take() {
+            let t = ticket.clone();
+            tokio::spawn(async move {
+                if let Ok(tally) = rx.await {
+                    t.update(|c| c.tally = Some(tally));
+                }
+            });
+        }
+        stream.events = Box::pin(Metered::new(stream.events, ticket));
         Ok(Started {
             stream,
             fingerprint: entry.provider.fingerprint(),
+            request_id,
+            rate_limit,
         })
+    }
+
+    /// Waits until every request finished so far is settled and its usage written.
+    pub async fn flush_usage(&self) {
+        self.meter.flush().await;
+    }
+
+    /// Stops metering new requests and waits (at most `limit`) for the open ones to settle and
+    /// their usage to be written.
+    pub async fn shutdown(&self, limit: Duration) {
+        self.meter.shutdown(limit).await;
     }
 }

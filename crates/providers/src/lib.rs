@@ -51,12 +51,38 @@ pub enum ChatEvent {
     Error(ApiError),
 }
 
+/// The work a completion really did, known once it is over however it ended (finished,
+/// failed, or cancelled because its stream was dropped): what money and limits settle to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    /// Prompt tokens processed (0 when the request never got to run).
+    pub prompt_tokens: u32,
+    /// Of those, reused from a cache.
+    pub cached_tokens: u32,
+    /// Completion tokens generated, over all choices.
+    pub completion_tokens: u32,
+}
+
 /// A running completion.
 pub struct ChatStream {
     /// Prompt tokens, when the provider knows them before the work starts.
     pub prompt_tokens: Option<u32>,
     /// The events; dropping the stream cancels the work.
     pub events: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
+    /// Resolves with the [`Tally`] when the work is over, even after `events` was dropped.
+    /// `None`: the provider cannot tell, and the final [`ChatEvent::Usage`] is the measure.
+    pub tally: Option<tokio::sync::oneshot::Receiver<Tally>>,
+}
+
+/// A request a provider has checked and measured but not started: the platform reserves
+/// credit and rate-limit tokens for its worst case before any work is done.
+pub trait PreparedChat: Send {
+    /// Prompt tokens, as the model counts them.
+    fn prompt_tokens(&self) -> u32;
+    /// The most completion tokens it may produce, over all choices.
+    fn max_completion_tokens(&self) -> u64;
+    /// Starts the work. Errors before any work (503 when full) are returned here.
+    fn start(self: Box<Self>) -> Result<ChatStream, ApiError>;
 }
 
 impl std::fmt::Debug for ChatStream {
@@ -76,7 +102,11 @@ pub trait ChatProvider: Send + Sync {
     fn fingerprint(&self) -> String;
     /// Whether it can take work now.
     fn ready(&self) -> bool;
-    /// Starts a completion. Errors before any work are returned here (400s, 503 when full);
-    /// errors after it started arrive as [`ChatEvent::Error`].
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError>;
+    /// Checks and measures a request (400s are returned here), without starting it.
+    async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError>;
+    /// Prepares and starts a completion. Errors before any work are returned here (400s, 503
+    /// when full); errors after it started arrive as [`ChatEvent::Error`].
+    async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError> {
+        self.prepare(request).await?.start()
+    }
 }

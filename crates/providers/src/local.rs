@@ -10,7 +10,7 @@ use parlance_api::chat::{ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogp
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_engine::{Constraint, Engine, Event, Generation, SamplingParams, SubmitError};
 
-use crate::{tools, ChatEvent, ChatProvider, ChatStream};
+use crate::{tools, ChatEvent, ChatProvider, ChatStream, PreparedChat, Tally};
 
 /// A loaded local model.
 #[derive(Debug, Clone)]
@@ -302,17 +302,52 @@ impl ChatProvider for LocalProvider {
         self.engine.is_alive()
     }
 
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError> {
+    async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let engine = self.engine.clone();
         let req = request.clone();
         // Templating and tokenizing are CPU work: keep them off the async runtime.
         let generation = tokio::task::spawn_blocking(move || prepare(&engine, &req))
             .await
             .map_err(|_| ApiError::Internal)??;
+        Ok(Box::new(LocalPrepared {
+            engine: self.engine.clone(),
+            generation,
+            tools: request.tools.clone(),
+            tool_choice: request.tool_choice.clone(),
+        }))
+    }
+}
+
+/// A templated, tokenized and checked local request, not yet queued.
+struct LocalPrepared {
+    engine: Arc<Engine>,
+    generation: Generation,
+    tools: Vec<Tool>,
+    tool_choice: ToolChoice,
+}
+
+impl PreparedChat for LocalPrepared {
+    fn prompt_tokens(&self) -> u32 {
+        u32::try_from(self.generation.prompt.len()).unwrap_or(u32::MAX)
+    }
+
+    fn max_completion_tokens(&self) -> u64 {
+        let room = self.engine.info().context_length.saturating_sub(self.prompt_tokens());
+        let per_choice = self.generation.max_tokens.map_or(room, |m| m.min(room));
+        u64::from(per_choice) * u64::from(self.generation.n)
+    }
+
+    fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+        let LocalPrepared {
+            engine,
+            generation,
+            tools,
+            tool_choice,
+        } = *self;
         let prompt_tokens = generation.prompt.len() as u32;
         let n = generation.n;
         let stops = generation.stop.clone();
-        let events = self.engine.submit(generation).map_err(|e| match e {
+        let mut events = engine.submit(generation).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::Overloaded("the model's queue is full".into()),
             SubmitError::ContextLengthExceeded { prompt, context } => {
                 ApiError::ContextLengthExceeded { prompt, context }
@@ -320,8 +355,21 @@ impl ChatProvider for LocalProvider {
             SubmitError::EmptyPrompt => ApiError::invalid("messages", "The prompt is empty."),
             SubmitError::Stopped => ApiError::NotReady("The model is shutting down.".into()),
         })?;
-        let mode = match &request.tool_choice {
-            _ if request.tools.is_empty() => ToolMode::Off,
+        let tally = events.tally().map(|rx| {
+            let (tx, out) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                if let Ok(t) = rx.await {
+                    let _ = tx.send(Tally {
+                        prompt_tokens: if t.admitted { prompt_tokens } else { 0 },
+                        cached_tokens: t.cached_tokens,
+                        completion_tokens: t.completion_tokens,
+                    });
+                }
+            });
+            out
+        });
+        let mode = match &tool_choice {
+            _ if tools.is_empty() => ToolMode::Off,
             ToolChoice::None => ToolMode::Off,
             ToolChoice::Auto => ToolMode::Auto,
             ToolChoice::Required => ToolMode::Forced { named: false },
@@ -330,7 +378,7 @@ impl ChatProvider for LocalProvider {
         let state = Progress {
             events,
             stops,
-            tools: request.tools.clone(),
+            tools,
             mode,
             held: vec![String::new(); n as usize],
             plain: vec![false; n as usize],
@@ -370,6 +418,7 @@ impl ChatProvider for LocalProvider {
         Ok(ChatStream {
             prompt_tokens: Some(prompt_tokens),
             events: Box::pin(events),
+            tally,
         })
     }
 }

@@ -33,14 +33,17 @@ pub(crate) async fn messages(
 ) -> Result<Response, Failure> {
     let (request, started) =
         crate::chat::begin(&state, &principal, body, parse_messages_request).await?;
-    let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+    let id = format!("msg_{}", started.request_id);
+    let rate = started.rate_limit;
     let model = request.model.clone();
     if request.stream {
         let forced = matches!(
             request.tool_choice,
             ToolChoice::Required | ToolChoice::Named(_)
         );
-        return Ok(stream(id, model, started.stream, !forced).into_response());
+        let mut resp = stream(id, model, started.stream, !forced).into_response();
+        crate::error::add_rate_headers(&mut resp, rate);
+        return Ok(resp);
     }
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -74,7 +77,7 @@ pub(crate) async fn messages(
         content.push(json!({"type": "text", "text": text}));
     }
     content.extend(calls);
-    Ok(Json(MessagesResponse {
+    let mut resp = Json(MessagesResponse {
         id,
         kind: "message",
         role: "assistant",
@@ -84,7 +87,9 @@ pub(crate) async fn messages(
         stop_sequence: stop.1,
         usage: usage_of(&usage),
     })
-    .into_response())
+    .into_response();
+    crate::error::add_rate_headers(&mut resp, rate);
+    Ok(resp)
 }
 
 /// Anthropic's id for a call: `toolu_` and the call's own suffix.

@@ -48,19 +48,22 @@ pub(crate) async fn completions(
     body: Body,
 ) -> Result<Response, Failure> {
     let (request, started) = begin(&state, &principal, body, parse_chat_request).await?;
+    let rate = started.rate_limit;
     let meta = Meta {
-        id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
+        id: format!("chatcmpl-{}", started.request_id),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         model: request.model.clone(),
         fingerprint: started.fingerprint.clone(),
     };
-    if request.stream {
-        Ok(stream(meta, &request, started).into_response())
+    let mut resp = if request.stream {
+        stream(meta, &request, started).into_response()
     } else {
-        collect(meta, &request, started).await
-    }
+        collect(meta, &request, started).await?
+    };
+    crate::error::add_rate_headers(&mut resp, rate);
+    Ok(resp)
 }
 
 /// What every chunk or body repeats.

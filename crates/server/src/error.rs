@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use parlance_api::{ApiError, StatusConvention};
+use parlance_api::{ApiError, RateLimitHeaders, StatusConvention};
 
 /// An [`ApiError`] on its way out of a handler.
 #[derive(Debug)]
@@ -31,9 +31,21 @@ pub(crate) fn render(e: &ApiError, convention: StatusConvention) -> Response {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    if let ApiError::RateLimited { headers, .. } = e {
+        add_rate_headers(&mut resp, Some(*headers));
+    }
     // Lets the conventions middleware re-render it if the operator chose 422.
     resp.extensions_mut().insert(e.clone());
     resp
+}
+
+/// Adds OpenAI's `x-ratelimit-*` headers.
+pub(crate) fn add_rate_headers(resp: &mut Response, headers: Option<RateLimitHeaders>) {
+    for (name, value) in headers.iter().flat_map(RateLimitHeaders::pairs) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
 }
 
 pub(crate) async fn not_found(method: Method, uri: Uri) -> Failure {

@@ -1,6 +1,7 @@
 //! The HTTP surface (axum): OpenAI routes, health checks, SSE encoding and the middleware
 //! around them. Handlers are thin: extract, call the platform, encode.
 
+mod admin;
 mod anthropic;
 mod chat;
 mod error;
@@ -10,7 +11,7 @@ mod models;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use parlance_api::StatusConvention;
 use parlance_platform::Platform;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// Set when shutdown begins: `/readyz` turns 503 and new completions are refused.
     pub shutting_down: AtomicBool,
+    /// SHA-256 of the admin token; `None`: the admin API is closed.
+    pub admin_token: Option<[u8; 32]>,
 }
 
 impl AppState {
@@ -38,7 +41,16 @@ impl AppState {
             convention: StatusConvention::OpenAi,
             body_limit: 16 << 20,
             shutting_down: AtomicBool::new(false),
+            admin_token: None,
         }
+    }
+
+    /// Opens the admin API to this token (empty: keeps it closed).
+    pub fn with_admin_token(mut self, token: Option<&str>) -> Self {
+        self.admin_token = token
+            .filter(|t| !t.trim().is_empty())
+            .map(parlance_platform::hash_secret);
+        self
     }
 
     /// Marks the server as shutting down.
@@ -73,11 +85,26 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             anthropic::error_shape,
         ));
+    let admin_api = Router::new()
+        .route(
+            "/admin/accounts",
+            get(admin::accounts).post(admin::create_account),
+        )
+        .route("/admin/accounts/{id}", get(admin::account))
+        .route("/admin/accounts/{id}/credits", post(admin::add_credits))
+        .route("/admin/keys", get(admin::keys).post(admin::create_key))
+        .route("/admin/keys/{id}", delete(admin::revoke_key))
+        .route("/admin/usage", get(admin::usage))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::admin,
+        ));
     Router::new()
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
         .merge(api)
         .merge(anthropic_api)
+        .merge(admin_api)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -58,15 +58,9 @@ pub(crate) async fn conventions(
     }
 }
 
-/// Checks `Authorization: Bearer` (or Anthropic's `x-api-key`) and stores the principal for the
-/// handler.
-pub(crate) async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let headers = req.headers();
-    let bearer = headers
+/// The token of `Authorization: Bearer`, or of Anthropic's `x-api-key`.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -80,8 +74,39 @@ pub(crate) async fn authenticate(
                 .get("x-api-key")
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.trim().to_owned())
-        });
-    match state.platform.auth.authenticate(bearer.as_deref()) {
+        })
+}
+
+/// Guards the admin API: the bearer token must be the configured admin token (compared in
+/// constant time); without one configured, the admin API is closed.
+pub(crate) async fn admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    use subtle::ConstantTimeEq;
+    let Some(expected) = state.admin_token else {
+        return Failure(ApiError::AdminUnauthorized(
+            "The admin API is disabled: start the server with an admin token (--admin-token or PARLANCE_ADMIN_TOKEN).".into(),
+        ))
+        .into_response();
+    };
+    let given = bearer(req.headers()).map(|t| parlance_platform::hash_secret(&t));
+    match given {
+        Some(h) if bool::from(h.ct_eq(&expected)) => next.run(req).await,
+        Some(_) => Failure(ApiError::AdminUnauthorized("Incorrect admin token.".into())).into_response(),
+        None => Failure(ApiError::AdminUnauthorized(
+            "The admin API needs the admin token in an Authorization header (Bearer).".into(),
+        ))
+        .into_response(),
+    }
+}
+
+/// Checks `Authorization: Bearer` (or Anthropic's `x-api-key`) and stores the principal for the
+/// handler.
+pub(crate) async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let bearer = bearer(req.headers());
+    match state.platform.auth.authenticate(bearer.as_deref()).await {
         Ok(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await

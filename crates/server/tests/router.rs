@@ -9,8 +9,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
-use parlance_platform::{Catalog, CatalogEntry, Platform, StaticKeys};
-use parlance_providers::{ChatEvent, ChatProvider, ChatStream};
+use parlance_platform::{Catalog, CatalogEntry, Platform, Price, StaticKeys};
+use parlance_providers::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
+use parlance_store::{Limiter, Store};
 use parlance_server::{router, AppState};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -34,7 +35,23 @@ impl ChatProvider for Scripted {
     fn ready(&self) -> bool {
         true
     }
-    async fn complete(&self, _: &ChatRequest) -> Result<ChatStream, ApiError> {
+    async fn prepare(&self, _: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
+        Ok(Box::new(ScriptedRun { fail: self.fail }))
+    }
+}
+
+struct ScriptedRun {
+    fail: bool,
+}
+
+impl PreparedChat for ScriptedRun {
+    fn prompt_tokens(&self) -> u32 {
+        3
+    }
+    fn max_completion_tokens(&self) -> u64 {
+        97
+    }
+    fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
         let mut events = vec![ChatEvent::Text {
             choice: 0,
             text: "partial".into(),
@@ -53,21 +70,26 @@ impl ChatProvider for Scripted {
         Ok(ChatStream {
             prompt_tokens: Some(3),
             events: Box::pin(futures::stream::iter(events)),
+            tally: None,
         })
     }
 }
 
-fn app(fail: bool) -> axum::Router {
+async fn app(fail: bool) -> axum::Router {
     let mut catalog = Catalog::default();
     catalog.insert(CatalogEntry {
         name: "m".into(),
         provider: Arc::new(Scripted { fail }),
         created: 0,
+        price: Price::default(),
     });
-    let platform = Platform {
-        catalog: Arc::new(catalog),
-        auth: Arc::new(StaticKeys::new(Vec::<String>::new())),
-    };
+    let store = Store::open("sqlite::memory:").await.unwrap();
+    let platform = Platform::new(
+        catalog,
+        Arc::new(StaticKeys::new(Vec::<String>::new())),
+        store,
+        Limiter::local(),
+    );
     router(Arc::new(AppState::new(platform)))
 }
 
@@ -88,7 +110,7 @@ async fn call(app: axum::Router, body: Value) -> (StatusCode, String) {
 async fn error_after_stream_started_is_an_error_event_and_the_stream_ends() {
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true});
-    let (status, text) = call(app(true), body).await;
+    let (status, text) = call(app(true).await, body).await;
     assert_eq!(status, StatusCode::OK);
     let data: Vec<&str> = text
         .split("\n\n")
@@ -107,7 +129,7 @@ async fn error_after_stream_started_is_an_error_event_and_the_stream_ends() {
 #[tokio::test]
 async fn error_in_a_plain_request_is_a_500_envelope() {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
-    let (status, text) = call(app(true), body).await;
+    let (status, text) = call(app(true).await, body).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "internal_error");
@@ -117,6 +139,6 @@ async fn error_in_a_plain_request_is_a_500_envelope() {
 async fn completed_stream_ends_with_done() {
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true});
-    let (_, text) = call(app(false), body).await;
+    let (_, text) = call(app(false).await, body).await;
     assert!(text.trim_end().ends_with("data: [DONE]"));
 }

@@ -32,6 +32,21 @@ pub fn model_path() -> PathBuf {
 
 pub const MODEL: &str = "smollm2";
 
+/// A name unique to this process and call.
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// A running server.
 pub struct Server {
     pub child: Child,
@@ -60,9 +75,16 @@ impl Server {
         reason = "Server's Drop kills the child and waits for it"
     )]
     pub fn start_raw(args: &[&str]) -> Server {
+        // Each server gets its own data directory (its own SQLite database) unless the test
+        // names a database.
+        let data = std::env::temp_dir().join(format!("parlance-test-{}", uuid_like()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_parlance"))
             .args(args)
             .env("RUST_LOG", "info")
+            .env("PARLANCE_DATA_DIR", &data)
+            .env_remove("PARLANCE_DATABASE_URL")
+            .env_remove("PARLANCE_REDIS_URL")
+            .env_remove("PARLANCE_ADMIN_TOKEN")
             .env_remove("PARLANCE_API_KEYS")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

@@ -1,0 +1,379 @@
+//! Metering and settlement, off the request path. Every admitted request carries a [`Ticket`];
+//! the stream wrapper and the provider's tally both hold it, and when the last of them lets go
+//! (the work is over and the client has the answer or is gone) the ticket is sent to the
+//! worker, which settles the credit reservation and the rate-limit tokens to what was really
+//! used and writes the usage record in a batch. Settlement happens in `Drop`, so it happens
+//! exactly once on every path: success, error, refusal, client gone mid-stream.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use parlance_api::{ApiError, StatusConvention, Usage};
+use parlance_providers::{ChatEvent, Tally};
+use parlance_store::{Limiter, Store, UsageRecord};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::pricing::Price;
+
+/// Records are written when this many are waiting, or after [`FLUSH_EVERY`].
+const BATCH: usize = 256;
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// What a request was and what happened to it, filled in as it goes.
+#[derive(Debug, Clone)]
+pub(crate) struct Closing {
+    pub request_id: String,
+    pub created_at: i64,
+    pub arrived: Instant,
+    pub key_id: Option<String>,
+    pub account_id: Option<String>,
+    pub model: String,
+    pub provider: &'static str,
+    pub user: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub price: Price,
+    /// Micro-units held for this request (0: nothing was reserved).
+    pub reserved: i64,
+    /// Rate-limit tokens taken: the key, the window, how many.
+    pub rate: Option<(String, u64, u64)>,
+    /// Prompt tokens, as prepared.
+    pub prompt_tokens: u32,
+    pub tally: Option<Tally>,
+    pub usage: Option<Usage>,
+    pub first_output: Option<Instant>,
+    pub ended: Option<Instant>,
+    pub status: u16,
+    pub outcome: &'static str,
+}
+
+impl Closing {
+    /// Prompt, cached and completion tokens really processed.
+    fn tokens(&self) -> (u64, u64, u64) {
+        if let Some(t) = self.tally {
+            return (
+                u64::from(t.prompt_tokens),
+                u64::from(t.cached_tokens),
+                u64::from(t.completion_tokens),
+            );
+        }
+        if let Some(u) = &self.usage {
+            return (
+                u64::from(u.prompt_tokens),
+                u64::from(u.prompt_tokens_details.cached_tokens),
+                u64::from(u.completion_tokens),
+            );
+        }
+        if self.outcome == "refused" {
+            (0, 0, 0)
+        } else {
+            (u64::from(self.prompt_tokens), 0, 0)
+        }
+    }
+}
+
+enum Job {
+    Close(Box<Closing>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Shared by the stream and the tally watcher; sends its [`Closing`] when the last one drops.
+pub(crate) struct Ticket {
+    data: Mutex<Option<Closing>>,
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Ticket {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Closing)) {
+        if let Some(c) = self
+            .data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            f(c);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let data = self
+            .data
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut c) = data {
+            c.ended.get_or_insert_with(Instant::now);
+            if self.tx.send(Job::Close(Box::new(c))).is_err() {
+                tracing::error!("the metering worker is gone: a request was not settled");
+            }
+        }
+    }
+}
+
+/// The handle to the metering worker.
+pub(crate) struct Meter {
+    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Meter {
+    /// Starts the worker (on the current Tokio runtime).
+    pub(crate) fn start(store: Store, limiter: Arc<Limiter>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = tokio::spawn(run(rx, store, limiter));
+        Self {
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+        }
+    }
+
+    /// A ticket for a request; `None` after shutdown began.
+    pub(crate) fn ticket(&self, closing: Closing) -> Option<Arc<Ticket>> {
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(Arc::new(Ticket {
+            data: Mutex::new(Some(closing)),
+            tx,
+        }))
+    }
+
+    /// Waits until every ticket closed so far is settled and its record written.
+    pub(crate) async fn flush(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tx) = tx {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Job::Flush(done)).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+
+    /// Stops taking tickets, then waits (at most `limit`) until every open one is settled and
+    /// written.
+    pub(crate) async fn shutdown(&self, limit: Duration) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = worker {
+            if tokio::time::timeout(limit, w).await.is_err() {
+                tracing::error!("usage records still open at exit were not all written");
+            }
+        }
+    }
+}
+
+/// Settles one request and makes its usage record.
+async fn settle(store: Store, limiter: Arc<Limiter>, c: Closing) -> UsageRecord {
+    let (prompt, cached, completion) = c.tokens();
+    let cost = c.price.cost(prompt, cached, completion);
+    let mut charged = cost;
+    if c.reserved > 0 {
+        let mut attempt = 0;
+        loop {
+            match store.settle(&c.request_id, cost).await {
+                Ok(Some(s)) => {
+                    charged = s.charged;
+                    break;
+                }
+                Ok(None) => {
+                    tracing::error!(request_id = %c.request_id, "no reservation to settle");
+                    break;
+                }
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(request_id = %c.request_id, error = %e, attempt, "settlement failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %c.request_id, error = %e, "settlement failed; the reservation stays held");
+                    break;
+                }
+            }
+        }
+    }
+    if let Some((key, window, taken)) = &c.rate {
+        let used = prompt + completion;
+        if let Err(e) = limiter
+            .refund(key, *window, taken.saturating_sub(used))
+            .await
+        {
+            tracing::warn!(error = %e, "could not give back unused rate-limit tokens");
+        }
+    }
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    UsageRecord {
+        request_id: c.request_id,
+        created_at: c.created_at,
+        key_id: c.key_id,
+        account_id: c.account_id,
+        model: c.model,
+        provider: c.provider.to_owned(),
+        prompt_tokens: clamp(prompt),
+        cached_tokens: clamp(cached),
+        completion_tokens: clamp(completion),
+        cost: charged,
+        latency_ms: ms(c.ended.unwrap_or_else(Instant::now) - c.arrived),
+        ttft_ms: c.first_output.map(|t| ms(t - c.arrived)),
+        status: i64::from(c.status),
+        outcome: c.outcome.to_owned(),
+        user: c.user,
+        labels: c.labels,
+    }
+}
+
+async fn write(store: &Store, buf: &mut Vec<UsageRecord>) {
+    if buf.is_empty() {
+        return;
+    }
+    for attempt in 0..3u32 {
+        match store.insert_usage(buf).await {
+            Ok(()) => {
+                buf.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, records = buf.len(), attempt, "writing usage failed");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+    // Keep them for the next attempt, within reason.
+    if buf.len() > 100_000 {
+        let drop = buf.len() - 100_000;
+        tracing::error!(dropped = drop, "usage records dropped: the database is unavailable");
+        buf.drain(..drop);
+    }
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Job>, store: Store, limiter: Arc<Limiter>) {
+    let mut pending: JoinSet<UsageRecord> = JoinSet::new();
+    let mut buf = Vec::new();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tokio::select! {
+            job = rx.recv() => match job {
+                Some(Job::Close(c)) => {
+                    pending.spawn(settle(store.clone(), limiter.clone(), *c));
+                }
+                Some(Job::Flush(done)) => {
+                    while let Some(r) = pending.join_next().await {
+                        if let Ok(rec) = r { buf.push(rec); }
+                    }
+                    write(&store, &mut buf).await;
+                    let _ = done.send(());
+                }
+                None => break,
+            },
+            Some(r) = pending.join_next(), if !pending.is_empty() => {
+                if let Ok(rec) = r { buf.push(rec); }
+                if buf.len() >= BATCH { write(&store, &mut buf).await; }
+            }
+            _ = tick.tick() => write(&store, &mut buf).await,
+        }
+    }
+    while let Some(r) = pending.join_next().await {
+        if let Ok(rec) = r {
+            buf.push(rec);
+        }
+    }
+    write(&store, &mut buf).await;
+}
+
+/// A provider's events, observed for metering on their way to the client.
+pub(crate) struct Metered {
+    inner: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
+    ticket: Arc<Ticket>,
+    done: bool,
+}
+
+impl Metered {
+    pub(crate) fn new(
+        inner: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
+        ticket: Arc<Ticket>,
+    ) -> Self {
+        Self {
+            inner,
+            ticket,
+            done: false,
+        }
+    }
+}
+
+impl Stream for Metered {
+    type Item = ChatEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChatEvent>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        match &polled {
+            Poll::Ready(Some(ev)) => {
+                let now = Instant::now();
+                match ev {
+                    ChatEvent::Text { .. } | ChatEvent::ToolCall { .. } => {
+                        self.ticket.update(|c| {
+                            c.first_output.get_or_insert(now);
+                        });
+                    }
+                    ChatEvent::Usage(u) => {
+                        let u = u.clone();
+                        self.ticket.update(|c| {
+                            c.usage = Some(u);
+                            c.outcome = "completed";
+                        });
+                    }
+                    ChatEvent::Error(e) => {
+                        let status = e.status(StatusConvention::OpenAi);
+                        self.ticket.update(|c| {
+                            c.outcome = "error";
+                            c.status = status;
+                        });
+                    }
+                    ChatEvent::Finish { .. } => {}
+                }
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                self.ticket.update(|c| {
+                    if c.outcome == "started" {
+                        c.outcome = "completed";
+                    }
+                    c.ended.get_or_insert_with(Instant::now);
+                });
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if !self.done {
+            self.ticket.update(|c| {
+                if c.outcome == "started" {
+                    c.outcome = "cancelled";
+                }
+                c.ended.get_or_insert_with(Instant::now);
+            });
+        }
+    }
+}
+
+/// Records a refusal (402, 429, 503 at admission) as a usage record with nothing spent.
+pub(crate) fn refused(ticket: Option<Arc<Ticket>>, e: &ApiError) {
+    if let Some(t) = ticket {
+        let status = e.status(StatusConvention::OpenAi);
+        t.update(|c| {
+            c.outcome = "refused";
+            c.status = status;
+        });
+    }
+}

@@ -1,0 +1,204 @@
+//! The admin API (`/admin/...`, guarded by the admin token): accounts, credits, keys and usage,
+//! the same operations as `parlance keys` and `parlance credits`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use parlance_api::{parse_body, ApiError};
+use parlance_store::{Account, KeyRecord, UsageQuery};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::Failure;
+use crate::AppState;
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "id": a.id,
+        "object": "account",
+        "name": a.name,
+        "balance": a.balance,
+        "reserved": a.reserved,
+        "created_at": a.created_at / 1000,
+    })
+}
+
+fn key_json(k: &KeyRecord, secret: Option<&str>) -> Value {
+    let mut v = json!({
+        "id": k.id,
+        "object": "api_key",
+        "account_id": k.account_id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "created_at": k.created_at / 1000,
+        "revoked_at": k.revoked_at.map(|t| t / 1000),
+    });
+    if let (Some(s), Some(o)) = (secret, v.as_object_mut()) {
+        o.insert("key".into(), json!(s));
+    }
+    v
+}
+
+fn list(data: Vec<Value>) -> Json<Value> {
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewCredits {
+    /// Micro-units.
+    amount: i64,
+    note: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKeyBody {
+    /// Account id or name.
+    account: String,
+    #[serde(default)]
+    name: String,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+}
+
+pub(crate) async fn accounts(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Failure> {
+    let all = state.platform.accounts().await?;
+    Ok(list(all.iter().map(account_json).collect()))
+}
+
+pub(crate) async fn create_account(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let b: NewAccount = parse_body(&body)?;
+    let a = state.platform.create_account(&b.name).await?;
+    Ok((StatusCode::CREATED, Json(account_json(&a))).into_response())
+}
+
+pub(crate) async fn account(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    Ok(Json(account_json(&state.platform.account(&id).await?)))
+}
+
+pub(crate) async fn add_credits(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, Failure> {
+    let b: NewCredits = parse_body(&body)?;
+    if b.amount <= 0 {
+        return Err(ApiError::invalid(
+            "amount",
+            "'amount' must be a positive integer number of micro-units.",
+        )
+        .into());
+    }
+    let a = state
+        .platform
+        .add_credits(&id, b.amount, b.note.as_deref())
+        .await?;
+    Ok(Json(account_json(&a)))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct KeysQuery {
+    account: Option<String>,
+}
+
+pub(crate) async fn keys(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<KeysQuery>,
+) -> Result<Json<Value>, Failure> {
+    let keys = state.platform.keys(q.account.as_deref()).await?;
+    Ok(list(keys.iter().map(|k| key_json(k, None)).collect()))
+}
+
+pub(crate) async fn create_key(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let b: NewKeyBody = parse_body(&body)?;
+    let k = state
+        .platform
+        .create_key(&b.account, &b.name, b.rpm, b.tpm)
+        .await?;
+    Ok((StatusCode::CREATED, Json(key_json(&k.record, Some(&k.key)))).into_response())
+}
+
+pub(crate) async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    state.platform.revoke_key(&id).await?;
+    Ok(Json(json!({"id": id, "object": "api_key", "revoked": true})))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UsageResponse {
+    object: &'static str,
+    group_by: Option<String>,
+    data: Vec<parlance_store::UsageGroup>,
+}
+
+/// Parses a time bound: Unix seconds.
+fn seconds(name: &str, v: &str) -> Result<i64, ApiError> {
+    v.parse::<i64>()
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be a Unix time in seconds.")))
+}
+
+/// `GET /admin/usage?model=&key=&account=&user=&label=NAME:VALUE&since=&until=&group_by=`.
+pub(crate) async fn usage(
+    State(state): State<Arc<AppState>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<UsageResponse>, Failure> {
+    let mut q = UsageQuery::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "model" => q.model = Some(v),
+            "key" | "key_id" => q.key_id = Some(v),
+            "account" | "account_id" => {
+                q.account_id = Some(state.platform.account(&v).await?.id);
+            }
+            "user" => q.user = Some(v),
+            "label" | "metadata" => match v.split_once(':') {
+                Some((name, value)) => q.labels.push((name.to_owned(), value.to_owned())),
+                None => {
+                    return Err(ApiError::invalid("label", "'label' takes NAME:VALUE.").into())
+                }
+            },
+            "since" => q.since = Some(seconds("since", &v)?),
+            "until" => q.until = Some(seconds("until", &v)?),
+            "group_by" => q.group_by = Some(v),
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("Unknown filter '{other}': use model, key, account, user, label, since, until or group_by."),
+                )
+                .into())
+            }
+        }
+    }
+    let data = state.platform.usage(&q).await?;
+    Ok(Json(UsageResponse {
+        object: "list",
+        group_by: q.group_by,
+        data,
+    }))
+}

@@ -1,0 +1,27 @@
+//! Persistence behind one small API: accounts, managed keys, the credit ledger with its
+//! reservations, and usage records, in SQLite (embedded, the default) or PostgreSQL through
+//! sqlx; request and token counters in-process or in Redis (shared by replicas).
+//!
+//! Every statement is written once in SQL that both databases accept (`$N` placeholders, text
+//! ids, `BIGINT` integers, epoch milliseconds), so both backends run the same code and the same
+//! tests.
+
+mod db;
+mod limits;
+mod usage;
+
+pub use db::{Account, Backend, KeyRecord, Reserve, Settled, Store, StoreError};
+pub use limits::{Admit, LimitState, Limiter, Limits, Refusal};
+pub use usage::{UsageGroup, UsageQuery, UsageRecord};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A new time-ordered id with a prefix (`acct_…`, `key_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

@@ -1,0 +1,291 @@
+//! Usage records: written in batches, read back filtered and aggregated.
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use crate::db::{Store, StoreError};
+
+/// One request, as metered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRecord {
+    /// The request id.
+    pub request_id: String,
+    /// Epoch milliseconds when the request arrived.
+    pub created_at: i64,
+    /// The managed key, if one was used.
+    pub key_id: Option<String>,
+    /// The account charged, if any.
+    pub account_id: Option<String>,
+    /// Public model name.
+    pub model: String,
+    /// Provider kind that served it.
+    pub provider: String,
+    /// Prompt tokens processed.
+    pub prompt_tokens: i64,
+    /// Of those, reused from a cache.
+    pub cached_tokens: i64,
+    /// Completion tokens generated (all choices).
+    pub completion_tokens: i64,
+    /// Micro-units charged.
+    pub cost: i64,
+    /// Milliseconds from arrival to the end of the work.
+    pub latency_ms: i64,
+    /// Milliseconds from arrival to the first output, if any came.
+    pub ttft_ms: Option<i64>,
+    /// HTTP status the request got (200 for a stream that started).
+    pub status: i64,
+    /// `completed`, `error`, `cancelled` (client gone) or `refused`.
+    pub outcome: String,
+    /// The request's `user`.
+    pub user: Option<String>,
+    /// The request's labels (`metadata`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which records to aggregate, and how to group them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Only this key.
+    pub key_id: Option<String>,
+    /// Only this account.
+    pub account_id: Option<String>,
+    /// Only this model.
+    pub model: Option<String>,
+    /// Only this `user`.
+    pub user: Option<String>,
+    /// Only records carrying these labels (name, value).
+    pub labels: Vec<(String, String)>,
+    /// From this time (epoch ms, inclusive).
+    pub since: Option<i64>,
+    /// Before this time (epoch ms, exclusive).
+    pub until: Option<i64>,
+    /// `model`, `key`, `account`, `user`, `provider`, `status`, `outcome`, `day`, `hour`, or
+    /// `label:NAME`; `None`: one total.
+    pub group_by: Option<String>,
+}
+
+/// One group of aggregated usage.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageGroup {
+    /// The group's value (`null` for the total, or records without it).
+    pub group: Option<String>,
+    /// Requests.
+    pub requests: i64,
+    /// Of those, with a status of 400 or more.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Cached prompt tokens.
+    pub cached_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Micro-units charged.
+    pub cost: i64,
+    /// Mean latency, ms.
+    pub avg_latency_ms: Option<i64>,
+    /// Mean time to first token, ms.
+    pub avg_ttft_ms: Option<i64>,
+}
+
+/// A day number (days since the epoch) as `YYYY-MM-DD` (Howard Hinnant's civil-from-days).
+fn civil(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+impl Store {
+    /// Writes records in one transaction; a record already written (same request id) is kept.
+    pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".into());
+            let inserted = sqlx::query(
+                "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
+                 prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
+                 outcome, user_id, labels) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                 ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(&r.request_id)
+            .bind(r.created_at)
+            .bind(&r.key_id)
+            .bind(&r.account_id)
+            .bind(&r.model)
+            .bind(&r.provider)
+            .bind(r.prompt_tokens)
+            .bind(r.cached_tokens)
+            .bind(r.completion_tokens)
+            .bind(r.cost)
+            .bind(r.latency_ms)
+            .bind(r.ttft_ms)
+            .bind(r.status)
+            .bind(&r.outcome)
+            .bind(&r.user)
+            .bind(labels)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                continue;
+            }
+            for (name, value) in &r.labels {
+                sqlx::query(
+                    "INSERT INTO usage_labels (request_id, name, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (request_id, name) DO NOTHING",
+                )
+                .bind(&r.request_id)
+                .bind(name)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Aggregates usage records, grouped as asked (largest cost first), or one total.
+    pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageGroup>, StoreError> {
+        let mut args: Vec<Option<String>> = Vec::new();
+        let mut ints: Vec<i64> = Vec::new();
+        let mut wheres: Vec<String> = Vec::new();
+        // Text arguments come first ($1…), integers after them.
+        let text = |v: &str, args: &mut Vec<Option<String>>| {
+            args.push(Some(v.to_owned()));
+            format!("${}", args.len())
+        };
+        let mut join = String::new();
+        let group_expr = match q.group_by.as_deref() {
+            None => None,
+            Some("model") => Some("u.model".to_owned()),
+            Some("key") => Some("u.key_id".to_owned()),
+            Some("account") => Some("u.account_id".to_owned()),
+            Some("user") => Some("u.user_id".to_owned()),
+            Some("provider") => Some("u.provider".to_owned()),
+            Some("outcome") => Some("u.outcome".to_owned()),
+            Some("status") => Some("CAST(u.status AS TEXT)".to_owned()),
+            Some("day") => Some("CAST(u.created_at / 86400000 AS TEXT)".to_owned()),
+            Some("hour") => Some("CAST(u.created_at / 3600000 AS TEXT)".to_owned()),
+            Some(other) => match other.strip_prefix("label:") {
+                Some(name) if !name.is_empty() => {
+                    let p = text(name, &mut args);
+                    join = format!(
+                        " LEFT JOIN usage_labels g ON g.request_id = u.request_id AND g.name = {p}"
+                    );
+                    Some("g.value".to_owned())
+                }
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "group_by must be one of model, key, account, user, provider, status, outcome, day, hour, label:NAME; not {other:?}"
+                    )))
+                }
+            },
+        };
+        for (col, v) in [
+            ("u.key_id", &q.key_id),
+            ("u.account_id", &q.account_id),
+            ("u.model", &q.model),
+            ("u.user_id", &q.user),
+        ] {
+            if let Some(v) = v {
+                let p = text(v, &mut args);
+                wheres.push(format!("{col} = {p}"));
+            }
+        }
+        for (name, value) in &q.labels {
+            let a = text(name, &mut args);
+            let b = text(value, &mut args);
+            wheres.push(format!(
+                "EXISTS (SELECT 1 FROM usage_labels f WHERE f.request_id = u.request_id AND f.name = {a} AND f.value = {b})"
+            ));
+        }
+        let base = args.len();
+        if let Some(s) = q.since {
+            ints.push(s);
+            wheres.push(format!("u.created_at >= ${}", base + ints.len()));
+        }
+        if let Some(s) = q.until {
+            ints.push(s);
+            wheres.push(format!("u.created_at < ${}", base + ints.len()));
+        }
+        let select_group = group_expr
+            .as_deref()
+            .map_or("CAST(NULL AS TEXT)".to_owned(), |g| g.to_owned());
+        let mut sql = format!(
+            "SELECT {select_group} AS grp, COUNT(*) AS requests, \
+             CAST(COALESCE(SUM(CASE WHEN u.status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
+             CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+             CAST(COALESCE(SUM(u.cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+             CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost, \
+             CAST(AVG(u.latency_ms) AS BIGINT) AS avg_latency_ms, \
+             CAST(AVG(u.ttft_ms) AS BIGINT) AS avg_ttft_ms \
+             FROM usage_records u{join}"
+        );
+        if !wheres.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&wheres.join(" AND "));
+        }
+        if let Some(g) = &group_expr {
+            sql.push_str(&format!(" GROUP BY {g} ORDER BY cost DESC, requests DESC"));
+        }
+        let mut query = sqlx::query(&sql);
+        for a in &args {
+            query = query.bind(a.clone());
+        }
+        for i in &ints {
+            query = query.bind(*i);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let day = q.group_by.as_deref() == Some("day");
+        let hour = q.group_by.as_deref() == Some("hour");
+        rows.iter()
+            .map(|r| {
+                let mut group: Option<String> = r.try_get("grp")?;
+                if let Some(n) = group.as_deref().and_then(|g| g.parse::<i64>().ok()) {
+                    if day {
+                        group = Some(civil(n));
+                    } else if hour {
+                        group = Some(format!("{}T{:02}:00Z", civil(n / 24), n % 24));
+                    }
+                }
+                Ok(UsageGroup {
+                    group,
+                    requests: r.try_get("requests")?,
+                    errors: r.try_get("errors")?,
+                    prompt_tokens: r.try_get("prompt_tokens")?,
+                    cached_tokens: r.try_get("cached_tokens")?,
+                    completion_tokens: r.try_get("completion_tokens")?,
+                    cost: r.try_get("cost")?,
+                    avg_latency_ms: r.try_get("avg_latency_ms")?,
+                    avg_ttft_ms: r.try_get("avg_ttft_ms")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil;
+
+    #[test]
+    fn days_to_dates() {
+        assert_eq!(civil(0), "1970-01-01");
+        assert_eq!(civil(20_784), "2026-11-27");
+        assert_eq!(civil(11_016), "2000-02-29");
+        assert_eq!(civil(-1), "1969-12-31");
+    }
+}
