@@ -363,7 +363,9 @@ impl Engine {
         });
         if self
             .commands
-            .send(scheduler::Command::Submit(Box::new((generation, tx, guard))))
+            .send(scheduler::Command::Submit(Box::new((
+                generation, tx, guard,
+            ))))
             .is_err()
         {
             self.gauges.queued.fetch_sub(1, Ordering::AcqRel);

@@ -174,7 +174,8 @@ mod tests {
             "[[models]]\nname = \"a\"\nprice = { prompt = 150000, completion = 600000 }\n",
         );
         assert_eq!(
-            r.ok().map(|c| (c.models[0].price.prompt, c.models[0].price.cached_prompt)),
+            r.ok()
+                .map(|c| (c.models[0].price.prompt, c.models[0].price.cached_prompt)),
             Some((150_000, 0))
         );
         let r: Result<FileConfig, _> =

@@ -13,7 +13,12 @@ use crate::config;
 #[derive(Debug, clap::Args)]
 pub struct DbArgs {
     /// Database URL [default: the server's default SQLite file].
-    #[arg(long, env = "PARLANCE_DATABASE_URL", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "PARLANCE_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
     database_url: Option<String>,
 }
 
@@ -100,7 +105,10 @@ fn api(e: parlance_api::ApiError) -> anyhow::Error {
 }
 
 /// Runs `parlance keys ...`.
-#[expect(clippy::print_stdout, reason = "a command-line tool prints its results")]
+#[expect(
+    clippy::print_stdout,
+    reason = "a command-line tool prints its results"
+)]
 pub fn keys(db: &DbArgs, cmd: KeysCmd) -> anyhow::Result<()> {
     with_platform(db, |p| async move {
         match cmd {
@@ -115,11 +123,17 @@ pub fn keys(db: &DbArgs, cmd: KeysCmd) -> anyhow::Result<()> {
                     eprintln!("created account {account:?}");
                 }
                 let k = p.create_key(&account, &name, rpm, tpm).await.map_err(api)?;
-                eprintln!("key {} for account {} (shown once; keep it safe):", k.record.id, k.record.account_id);
+                eprintln!(
+                    "key {} for account {} (shown once; keep it safe):",
+                    k.record.id, k.record.account_id
+                );
                 println!("{}", k.key);
             }
             KeysCmd::List { account } => {
-                println!("{:<38} {:<14} {:<24} {:>8} {:>10} {}", "ID", "PREFIX", "NAME", "RPM", "TPM", "STATUS");
+                println!(
+                    "{:<38} {:<14} {:<24} {:>8} {:>10} STATUS",
+                    "ID", "PREFIX", "NAME", "RPM", "TPM"
+                );
                 for k in p.keys(account.as_deref()).await.map_err(api)? {
                     let lim = |v: Option<i64>| v.map_or("-".to_owned(), |n| n.to_string());
                     println!(
@@ -129,7 +143,11 @@ pub fn keys(db: &DbArgs, cmd: KeysCmd) -> anyhow::Result<()> {
                         k.name,
                         lim(k.rpm),
                         lim(k.tpm),
-                        if k.revoked_at.is_some() { "revoked" } else { "active" }
+                        if k.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
                     );
                 }
             }
@@ -143,7 +161,10 @@ pub fn keys(db: &DbArgs, cmd: KeysCmd) -> anyhow::Result<()> {
 }
 
 /// Runs `parlance credits ...`.
-#[expect(clippy::print_stdout, reason = "a command-line tool prints its results")]
+#[expect(
+    clippy::print_stdout,
+    reason = "a command-line tool prints its results"
+)]
 pub fn credits(db: &DbArgs, cmd: CreditsCmd) -> anyhow::Result<()> {
     with_platform(db, |p| async move {
         let accounts = match cmd {
@@ -151,11 +172,17 @@ pub fn credits(db: &DbArgs, cmd: CreditsCmd) -> anyhow::Result<()> {
                 account,
                 amount,
                 note,
-            } => vec![p.add_credits(&account, amount, note.as_deref()).await.map_err(api)?],
+            } => vec![p
+                .add_credits(&account, amount, note.as_deref())
+                .await
+                .map_err(api)?],
             CreditsCmd::Show { account: Some(a) } => vec![p.account(&a).await.map_err(api)?],
             CreditsCmd::Show { account: None } => p.accounts().await.map_err(api)?,
         };
-        println!("{:<38} {:<24} {:>18} {:>18}", "ACCOUNT", "NAME", "BALANCE", "RESERVED");
+        println!(
+            "{:<38} {:<24} {:>18} {:>18}",
+            "ACCOUNT", "NAME", "BALANCE", "RESERVED"
+        );
         for a in accounts {
             println!(
                 "{:<38} {:<24} {:>18} {:>18}",

@@ -10,9 +10,9 @@ use anyhow::{bail, Context};
 use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
-use parlance_store::{Limiter, Store};
 use parlance_providers::LocalProvider;
 use parlance_server::AppState;
+use parlance_store::{Limiter, Store};
 
 use crate::config::{self, EngineSection, FileConfig};
 use crate::pull;

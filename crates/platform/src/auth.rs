@@ -44,8 +44,7 @@ fn missing() -> ApiError {
 
 fn incorrect() -> ApiError {
     ApiError::Unauthorized(
-        "Incorrect API key provided. You can obtain an API key from your server's operator."
-            .into(),
+        "Incorrect API key provided. You can obtain an API key from your server's operator.".into(),
     )
 }
 
@@ -105,11 +104,14 @@ impl Authenticator for StaticKeys {
     }
 }
 
+/// A cached lookup: when it was made, and what it found.
+type CachedKey = (Instant, Option<KeyRecord>);
+
 /// Static keys plus the managed keys of the store, with a short-lived cache.
 pub struct Keys {
     statics: StaticKeys,
     store: Store,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Option<KeyRecord>)>>,
+    cache: Mutex<HashMap<[u8; 32], CachedKey>>,
     any_managed: Mutex<Option<(Instant, bool)>>,
 }
 
@@ -161,14 +163,10 @@ impl Keys {
                 }
             }
         }
-        let rec = self
-            .store
-            .key_by_hash(&hex::encode(h))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "key lookup failed");
-                ApiError::NotReady("The key store is unavailable.".into())
-            })?;
+        let rec = self.store.key_by_hash(&hex::encode(h)).await.map_err(|e| {
+            tracing::error!(error = %e, "key lookup failed");
+            ApiError::NotReady("The key store is unavailable.".into())
+        })?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= 100_000 {
             cache.retain(|_, (at, _)| at.elapsed() < KEY_CACHE_TTL);
@@ -215,10 +213,7 @@ impl Authenticator for Keys {
     }
 
     fn invalidate(&self) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
         *self.any_managed.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

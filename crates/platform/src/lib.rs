@@ -61,10 +61,7 @@ pub struct Started {
 
 fn headers(s: &LimitState) -> RateLimitHeaders {
     RateLimitHeaders {
-        requests: s
-            .limits
-            .rpm
-            .map(|l| (l, l.saturating_sub(s.requests_used))),
+        requests: s.limits.rpm.map(|l| (l, l.saturating_sub(s.requests_used))),
         tokens: s.limits.tpm.map(|l| (l, l.saturating_sub(s.tokens_used))),
         reset_ms: s.reset_ms,
     }
@@ -201,9 +198,11 @@ impl Platform {
         }
 
         // Credits: hold the worst case, or refuse with 402.
-        let worst_cost = entry
-            .price
-            .cost(u64::from(prompt_tokens), 0, prepared.max_completion_tokens());
+        let worst_cost = entry.price.cost(
+            u64::from(prompt_tokens),
+            0,
+            prepared.max_completion_tokens(),
+        );
         if let (Some(account), true) = (&principal.account_id, worst_cost > 0) {
             match self.store.reserve(&request_id, account, worst_cost).await {
                 Ok(Reserve::Reserved) => ticket.update(|c| c.reserved = worst_cost),

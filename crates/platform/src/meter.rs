@@ -89,12 +89,7 @@ pub(crate) struct Ticket {
 
 impl Ticket {
     pub(crate) fn update(&self, f: impl FnOnce(&mut Closing)) {
-        if let Some(c) = self
-            .data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
+        if let Some(c) = self.data.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             f(c);
         }
     }
@@ -135,11 +130,7 @@ impl Meter {
 
     /// A ticket for a request; `None` after shutdown began.
     pub(crate) fn ticket(&self, closing: Closing) -> Option<Arc<Ticket>> {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
         Some(Arc::new(Ticket {
             data: Mutex::new(Some(closing)),
             tx,
@@ -249,7 +240,10 @@ async fn write(store: &Store, buf: &mut Vec<UsageRecord>) {
     // Keep them for the next attempt, within reason.
     if buf.len() > 100_000 {
         let drop = buf.len() - 100_000;
-        tracing::error!(dropped = drop, "usage records dropped: the database is unavailable");
+        tracing::error!(
+            dropped = drop,
+            "usage records dropped: the database is unavailable"
+        );
         buf.drain(..drop);
     }
 }
@@ -323,7 +317,7 @@ impl Stream for Metered {
                         });
                     }
                     ChatEvent::Usage(u) => {
-                        let u = u.clone();
+                        let u = *u;
                         self.ticket.update(|c| {
                             c.usage = Some(u);
                             c.outcome = "completed";

@@ -68,6 +68,11 @@ mod tests {
         }
         assert!(Price::default().is_free());
         assert_eq!(Price::default().cost(1_000_000, 0, 1_000_000), 0);
-        assert!(Price { prompt: -1, ..Price::default() }.validate().is_err());
+        assert!(Price {
+            prompt: -1,
+            ..Price::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -332,7 +332,11 @@ impl PreparedChat for LocalPrepared {
     }
 
     fn max_completion_tokens(&self) -> u64 {
-        let room = self.engine.info().context_length.saturating_sub(self.prompt_tokens());
+        let room = self
+            .engine
+            .info()
+            .context_length
+            .saturating_sub(self.prompt_tokens());
         let per_choice = self.generation.max_tokens.map_or(room, |m| m.min(room));
         u64::from(per_choice) * u64::from(self.generation.n)
     }

@@ -145,7 +145,9 @@ pub(crate) async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Failure> {
     state.platform.revoke_key(&id).await?;
-    Ok(Json(json!({"id": id, "object": "api_key", "revoked": true})))
+    Ok(Json(
+        json!({"id": id, "object": "api_key", "revoked": true}),
+    ))
 }
 
 #[derive(Debug, Serialize)]

@@ -79,7 +79,11 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
 
 /// Guards the admin API: the bearer token must be the configured admin token (compared in
 /// constant time); without one configured, the admin API is closed.
-pub(crate) async fn admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(crate) async fn admin(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     use subtle::ConstantTimeEq;
     let Some(expected) = state.admin_token else {
         return Failure(ApiError::AdminUnauthorized(
@@ -90,7 +94,9 @@ pub(crate) async fn admin(State(state): State<Arc<AppState>>, req: Request, next
     let given = bearer(req.headers()).map(|t| parlance_platform::hash_secret(&t));
     match given {
         Some(h) if bool::from(h.ct_eq(&expected)) => next.run(req).await,
-        Some(_) => Failure(ApiError::AdminUnauthorized("Incorrect admin token.".into())).into_response(),
+        Some(_) => {
+            Failure(ApiError::AdminUnauthorized("Incorrect admin token.".into())).into_response()
+        }
         None => Failure(ApiError::AdminUnauthorized(
             "The admin API needs the admin token in an Authorization header (Bearer).".into(),
         ))

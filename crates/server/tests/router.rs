@@ -11,8 +11,8 @@ use axum::http::{Request, StatusCode};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_platform::{Catalog, CatalogEntry, Platform, Price, StaticKeys};
 use parlance_providers::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
-use parlance_store::{Limiter, Store};
 use parlance_server::{router, AppState};
+use parlance_store::{Limiter, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 

@@ -264,7 +264,8 @@ impl Store {
 
     /// The account with this id or name.
     pub async fn account(&self, id_or_name: &str) -> Result<Option<Account>, StoreError> {
-        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1 OR a.name = $1");
+        let sql =
+            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1 OR a.name = $1");
         let row = sqlx::query(&sql)
             .bind(id_or_name)
             .fetch_optional(&self.pool)
@@ -401,12 +402,13 @@ impl Store {
             ));
         }
         let mut tx = self.pool.begin().await?;
-        let taken =
-            sqlx::query("UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1")
-                .bind(amount)
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await?;
+        let taken = sqlx::query(
+            "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1",
+        )
+        .bind(amount)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
         if taken.rows_affected() == 0 {
             tx.rollback().await?;
             let balance = sqlx::query("SELECT balance FROM accounts WHERE id = $1")

@@ -201,7 +201,8 @@ impl Limiter {
                 prefix,
                 scripts,
             } => {
-                let as_arg = |l: Option<u64>| l.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+                let as_arg =
+                    |l: Option<u64>| l.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
                 let mut conn = conn.clone();
                 let out: Vec<i64> = scripts
                     .0
@@ -222,7 +223,10 @@ impl Limiter {
                 if get(0) == 1 {
                     Ok(Admit::Allowed(state))
                 } else {
-                    Ok(Admit::Refused(state, refusal(out.get(5).copied().unwrap_or(1))))
+                    Ok(Admit::Refused(
+                        state,
+                        refusal(out.get(5).copied().unwrap_or(1)),
+                    ))
                 }
             }
         }

@@ -105,13 +105,22 @@ async fn accounts_keys_and_credits() {
             store.add_credits("acct_missing", 5, None).await,
             Err(parlance_store::StoreError::NotFound(_))
         ));
-        let after = store.add_credits(&acct.id, 1_500, Some("top-up")).await.unwrap();
+        let after = store
+            .add_credits(&acct.id, 1_500, Some("top-up"))
+            .await
+            .unwrap();
         assert_eq!(after.balance, 1_500);
         assert_eq!(store.ledger_total(&acct.id).await.unwrap(), 1_500);
 
         assert!(!store.any_key().await.unwrap());
-        store.insert_key(&key("key_1", &acct.id), "hash-1").await.unwrap();
-        assert!(store.insert_key(&key("key_2", &acct.id), "hash-1").await.is_err());
+        store
+            .insert_key(&key("key_1", &acct.id), "hash-1")
+            .await
+            .unwrap();
+        assert!(store
+            .insert_key(&key("key_2", &acct.id), "hash-1")
+            .await
+            .is_err());
         let found = store.key_by_hash("hash-1").await.unwrap().unwrap();
         assert_eq!(found.id, "key_1");
         assert_eq!(found.rpm, Some(10));
@@ -206,7 +215,12 @@ fn record(id: &str, model: &str, user: &str, team: &str, cost: i64, status: i64)
         latency_ms: 100,
         ttft_ms: Some(20),
         status,
-        outcome: if status == 200 { "completed" } else { "refused" }.into(),
+        outcome: if status == 200 {
+            "completed"
+        } else {
+            "refused"
+        }
+        .into(),
         user: Some(user.into()),
         labels: BTreeMap::from([("team".to_owned(), team.to_owned())]),
     }

@@ -1,0 +1,594 @@
+//! The multi-tenant platform end to end, against the real binary and model: managed keys and
+//! the admin API, prepaid credits (402) settled to the real usage on every path, rate limits
+//! (429 with OpenAI's headers), and the race tests: two replicas sharing PostgreSQL and Redis.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{client, model_path, Server, MODEL};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "adm-secret-token";
+
+/// Prices of the test model: 1 micro-unit per prompt token, 0.5 per cached one, 2 per
+/// completion token.
+fn config_with_prices(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("parlance.toml");
+    let text = format!(
+        "[[models]]\nname = \"{MODEL}\"\npath = \"{}\"\nprice = {{ prompt = 1000000, cached_prompt = 500000, completion = 2000000 }}\n",
+        model_path().display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn scratch() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("parlance-platform-{}", common::uuid_like()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A server with prices and the admin API, on the given extra flags.
+fn priced_server(extra: &[&str]) -> Server {
+    let dir = scratch();
+    let cfg = config_with_prices(&dir);
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--config",
+        &cfg,
+        "--admin-token",
+        ADMIN,
+        "--exit-on-stdin-eof",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_raw(&args)
+}
+
+async fn admin(s: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let c = client();
+    let mut req = match method {
+        "GET" => c.get(s.url(path)),
+        "POST" => c.post(s.url(path)),
+        "DELETE" => c.delete(s.url(path)),
+        _ => unreachable!(),
+    }
+    .bearer_auth(ADMIN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// An account with `credits` and a key (with optional limits); returns (account id, key).
+async fn funded_key(s: &Server, name: &str, credits: i64, limits: Value) -> (String, String) {
+    let (st, acct) = admin(s, "POST", "/admin/accounts", Some(json!({"name": name}))).await;
+    assert_eq!(st, 201, "{acct}");
+    let id = acct["id"].as_str().unwrap().to_owned();
+    if credits > 0 {
+        let (st, a) = admin(
+            s,
+            "POST",
+            &format!("/admin/accounts/{id}/credits"),
+            Some(json!({"amount": credits, "note": "test"})),
+        )
+        .await;
+        assert_eq!(st, 200, "{a}");
+        assert_eq!(a["balance"], credits);
+    }
+    let mut body = json!({"account": name, "name": "test key"});
+    if let (Some(b), Some(l)) = (body.as_object_mut(), limits.as_object()) {
+        b.extend(l.clone());
+    }
+    let (st, k) = admin(s, "POST", "/admin/keys", Some(body)).await;
+    assert_eq!(st, 201, "{k}");
+    (id, k["key"].as_str().unwrap().to_owned())
+}
+
+async fn chat_as(s: &Server, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A request that generates exactly `n` tokens (the end-of-turn token is banned).
+fn exact(n: u32, content: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}],
+           "max_tokens": n, "ignore_eos": true, "temperature": 0})
+}
+
+/// Waits until nothing is reserved on the account, and returns it.
+async fn settled_account(s: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, a) = admin(s, "GET", &format!("/admin/accounts/{id}"), None).await;
+        assert_eq!(st, 200, "{a}");
+        if a["reserved"] == 0 {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "reservation never settled: {a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_envelope(v: &Value, kind: &str, code: &str) {
+    let e = &v["error"];
+    assert_eq!(e["type"], kind, "{v}");
+    assert_eq!(e["code"], code, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        e.get("param").is_some(),
+        "param must be present (null): {v}"
+    );
+}
+
+#[tokio::test]
+async fn admin_api_manages_keys_and_revocation_is_prompt() {
+    let s = priced_server(&[]);
+    // Without the admin token, or with a wrong one: 401 in the envelope.
+    let r = client().get(s.url("/admin/keys")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_envelope(&v, "authentication_error", "invalid_admin_token");
+    let r = client()
+        .get(s.url("/admin/keys"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Before any key exists the server is open (loopback); once one exists it is closed.
+    let (st, _, _) = chat_as(&s, "anything", &exact(1, "hi")).await;
+    assert_eq!(st, 200);
+    let (_, key) = funded_key(&s, "acme", 1_000_000, json!({})).await;
+    assert!(key.starts_with("sk-pl-") && key.len() > 40);
+    let (st, _, v) = chat_as(&s, "anything", &exact(1, "hi")).await;
+    assert_eq!(st, 401, "{v}");
+    assert_envelope(&v, "authentication_error", "invalid_api_key");
+    let (st, _, v) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 200, "{v}");
+
+    // Listing shows the key, never its secret.
+    let (st, list) = admin(&s, "GET", "/admin/keys?account=acme", None).await;
+    assert_eq!(st, 200);
+    let listed = list["data"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        !list.to_string().contains(&key),
+        "a listing leaked a secret"
+    );
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+
+    // Errors of the admin API: unknown account, duplicate, bad amount.
+    let (st, v) = admin(&s, "POST", "/admin/keys", Some(json!({"account": "ghost"}))).await;
+    assert_eq!(st, 404, "{v}");
+    assert_envelope(&v, "invalid_request_error", "not_found");
+    let (st, v) = admin(&s, "POST", "/admin/accounts", Some(json!({"name": "acme"}))).await;
+    assert_eq!(st, 409, "{v}");
+    assert_envelope(&v, "invalid_request_error", "conflict");
+    let (st, v) = admin(
+        &s,
+        "POST",
+        "/admin/accounts/acme/credits",
+        Some(json!({"amount": -5})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "amount");
+    let (st, v) = admin(
+        &s,
+        "POST",
+        "/admin/keys",
+        Some(json!({"account": "acme", "rpm": 0})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "rpm");
+
+    // Revocation: refused at once on this replica.
+    let (st, _) = admin(&s, "DELETE", &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(st, 200);
+    let (st, _, _) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 401);
+    let (st, _) = admin(&s, "DELETE", "/admin/keys/key_missing", None).await;
+    assert_eq!(st, 404);
+    // Revoking the last key does not open the server.
+    let (st, _, _) = chat_as(&s, "anything", &exact(1, "hi")).await;
+    assert_eq!(st, 401);
+}
+
+#[tokio::test]
+async fn credits_are_reserved_then_settled_to_real_usage() {
+    let s = priced_server(&[]);
+    let (acct, key) = funded_key(&s, "acme", 10_000, json!({})).await;
+    let (st, _, v) = chat_as(&s, &key, &exact(5, "Count to three.")).await;
+    assert_eq!(st, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_i64().unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let cost = prompt + 2 * 5;
+    let a = settled_account(&s, &acct).await;
+    assert_eq!(a["balance"], 10_000 - cost, "{a}");
+
+    // The usage record says the same.
+    let (st, u) = admin(
+        &s,
+        "GET",
+        &format!("/admin/usage?account=acme&group_by=model"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    let g = &u["data"][0];
+    assert_eq!(g["group"], MODEL);
+    assert_eq!(g["requests"], 1);
+    assert_eq!(g["cost"], cost);
+    assert_eq!(g["prompt_tokens"], prompt);
+    assert_eq!(g["completion_tokens"], 5);
+
+    // The worst case (the prompt and 100 completion tokens) is more than the balance: 402 at
+    // once, nothing charged.
+    let (_, poor) = funded_key(&s, "poor", 50, json!({})).await;
+    let t = Instant::now();
+    let (st, h, v) = chat_as(&s, &poor, &exact(100, "hi")).await;
+    assert_eq!(st, 402, "{v}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(h.get("retry-after").is_none());
+    assert_envelope(&v, "insufficient_balance", "insufficient_balance");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("50 available"), "{msg}");
+    let (_, p) = admin(&s, "GET", "/admin/accounts/poor", None).await;
+    assert_eq!(
+        (p["balance"].as_i64(), p["reserved"].as_i64()),
+        (Some(50), Some(0))
+    );
+    // The refusal is on record, with nothing spent.
+    let (_, u) = admin(&s, "GET", "/admin/usage?account=poor&group_by=status", None).await;
+    assert_eq!(u["data"][0]["group"], "402", "{u}");
+    assert_eq!(u["data"][0]["cost"], 0);
+
+    // The Anthropic door spends from the same balance.
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": MODEL, "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m: Value = r.json().await.unwrap();
+    let cost2 = m["usage"]["input_tokens"].as_i64().unwrap()
+        + 2 * m["usage"]["output_tokens"].as_i64().unwrap();
+    let a = settled_account(&s, &acct).await;
+    assert_eq!(a["balance"], 10_000 - cost - cost2, "{a}");
+}
+
+#[tokio::test]
+async fn client_gone_mid_stream_settles_to_what_was_generated() {
+    let s = priced_server(&[]);
+    let (acct, key) = funded_key(&s, "acme", 100_000, json!({})).await;
+    let mut body = exact(400, "Tell me a long story.");
+    body["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut chunks = r.bytes_stream();
+    for _ in 0..4 {
+        chunks.next().await.unwrap().unwrap();
+    }
+    // While it runs, the worst case is held.
+    let (_, held) = admin(&s, "GET", &format!("/admin/accounts/{acct}"), None).await;
+    assert!(held["reserved"].as_i64().unwrap() > 800, "{held}");
+    drop(chunks);
+
+    let a = settled_account(&s, &acct).await;
+    let (_, u) = admin(
+        &s,
+        "GET",
+        "/admin/usage?account=acme&group_by=outcome",
+        None,
+    )
+    .await;
+    let g = &u["data"][0];
+    assert_eq!(g["group"], "cancelled", "{u}");
+    let completion = g["completion_tokens"].as_i64().unwrap();
+    let prompt = g["prompt_tokens"].as_i64().unwrap();
+    assert!(completion > 0 && completion < 400, "{u}");
+    assert_eq!(g["cost"], prompt + 2 * completion);
+    assert_eq!(a["balance"], 100_000 - prompt - 2 * completion, "{a}");
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_openai_headers() {
+    let s = priced_server(&[]);
+    let (_, key) = funded_key(&s, "acme", 1_000_000, json!({"rpm": 2})).await;
+    let (st, h, _) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 200);
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert!(h.contains_key("x-ratelimit-reset-requests"));
+    let (st, _, _) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 200);
+    let t = Instant::now();
+    let (st, h, v) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 429, "{v}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_envelope(&v, "requests", "rate_limit_exceeded");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+
+    // Tokens per minute: a request whose worst case does not fit is refused, and tokens left
+    // unused come back when a request settles.
+    let (_, tkey) = funded_key(&s, "tok", 1_000_000, json!({"tpm": 400})).await;
+    let (st, h, v) = chat_as(&s, &tkey, &exact(10, "hi")).await;
+    assert_eq!(st, 200, "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(h["x-ratelimit-limit-tokens"], "400");
+    let left: u64 = h["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(left, 400 - used);
+    let (st, h, v) = chat_as(&s, &tkey, &exact(1000, "hi")).await;
+    assert_eq!(st, 429, "{v}");
+    assert_envelope(&v, "tokens", "rate_limit_exceeded");
+    assert!(h.contains_key("x-ratelimit-reset-tokens"));
+    // A stop string ends this one early; the unused part of its reservation is given back.
+    let mut early = exact(300, "Say hello.");
+    early["ignore_eos"] = json!(false);
+    early["stop"] = json!(["e", "a", "o", " "]);
+    let (st, _, v) = chat_as(&s, &tkey, &early).await;
+    assert_eq!(st, 200, "{v}");
+    let spent = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 300);
+    let probe = exact(1, "hi");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    loop {
+        // Settlement is asynchronous: until it lands, the whole reservation still counts (and
+        // may leave no room for the probe).
+        let (st, h, p) = chat_as(&s, &tkey, &probe).await;
+        if st == 200 {
+            probes += p["usage"]["total_tokens"].as_u64().unwrap();
+            let left: u64 = h["x-ratelimit-remaining-tokens"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            if left == 400 - used - spent - probes {
+                break;
+            }
+        } else {
+            assert_eq!(st, 429, "{p}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unused tokens were not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn env_url(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through scripts/test.sh, or `source scripts/services.sh start` first")
+    })
+}
+
+/// A fresh PostgreSQL database for a pair of replicas.
+async fn fresh_postgres() -> String {
+    use sqlx::Connection;
+    let base = env_url("PARLANCE_TEST_POSTGRES_URL");
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&base).await.unwrap();
+    let name = format!("e2e_{}", common::uuid_like().replace('-', "_"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+/// Two replicas on one PostgreSQL database and one Redis, as a scaled-out deployment runs.
+async fn two_replicas() -> (Server, Server, String) {
+    let db = fresh_postgres().await;
+    let redis = env_url("PARLANCE_TEST_REDIS_URL");
+    let flags = ["--database-url", &db, "--redis-url", &redis];
+    let a = priced_server(&flags);
+    let b = priced_server(&flags);
+    (a, b, db)
+}
+
+/// 500 concurrent requests over two replicas against a balance that covers exactly 100:
+/// exactly 100 succeed, the rest get 402, the balance ends at zero, and the ledger, the
+/// balance and the usage records agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_two_replicas_never_overspend() {
+    let (a, b, db) = two_replicas().await;
+    // Measure one request's exact cost on a separate account.
+    let (_, probe) = funded_key(&a, "probe", 1_000_000, json!({})).await;
+    let body = exact(1, "hi");
+    let (st, _, v) = chat_as(&a, &probe, &body).await;
+    assert_eq!(st, 200, "{v}");
+    let cost = v["usage"]["prompt_tokens"].as_i64().unwrap() + 2;
+
+    let (acct, key) = funded_key(&a, "race", 100 * cost, json!({})).await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let url = if i % 2 == 0 {
+            a.url("/v1/chat/completions")
+        } else {
+            b.url("/v1/chat/completions")
+        };
+        let req = c.post(url).bearer_auth(&key).json(&body);
+        tasks.push(tokio::spawn(async move {
+            req.send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, refused), (100, 400));
+    let acc = settled_account(&b, &acct).await;
+    assert_eq!(acc["balance"], 0, "{acc}");
+
+    // The ledger sums to the balance, and the charges to the usage records' cost.
+    let store = parlance_store::Store::open(&db).await.unwrap();
+    assert_eq!(store.ledger_total(&acct).await.unwrap(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, u) = admin(&a, "GET", "/admin/usage?account=race", None).await;
+        if u["data"][0]["requests"] == 500 {
+            assert_eq!(u["data"][0]["cost"], 100 * cost, "{u}");
+            assert_eq!(u["data"][0]["errors"], 400, "{u}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage records missing: {u}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tokens-per-minute limit holds across two replicas: exactly as many requests pass as the
+/// limit covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_two_replicas_share_token_limits() {
+    let (a, b, _db) = two_replicas().await;
+    let (_, probe) = funded_key(&a, "probe", 1_000_000, json!({})).await;
+    let body = exact(1, "hello");
+    let (st, _, v) = chat_as(&a, &probe, &body).await;
+    assert_eq!(st, 200);
+    let per = v["usage"]["total_tokens"].as_i64().unwrap();
+    let (_, key) = funded_key(&a, "limited", 1_000_000, json!({"tpm": 10 * per + per / 2})).await;
+    // Keep the test inside one counting window.
+    let into = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 60_000) as u64;
+    if into > 45_000 {
+        tokio::time::sleep(Duration::from_millis(60_500 - into)).await;
+    }
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let url = if i % 2 == 0 {
+            a.url("/v1/chat/completions")
+        } else {
+            b.url("/v1/chat/completions")
+        };
+        let req = c.post(url).bearer_auth(&key).json(&body);
+        tasks.push(tokio::spawn(async move {
+            req.send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (10, 30));
+}
+
+#[tokio::test]
+async fn command_line_manages_keys_and_credits() {
+    let dir = scratch();
+    let db = format!("sqlite://{}", dir.join("cli.db").display());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_parlance"))
+            .args(args)
+            .args(["--database-url", &db])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, key, err) = run(&["keys", "create", "--account", "cli", "--rpm", "5"]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_owned();
+    assert!(key.starts_with("sk-pl-"), "{key}");
+    let (ok, out, err) = run(&["credits", "add", "cli", "2500000", "--note", "welcome"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("2.500000"), "{out}");
+    let (ok, out, _) = run(&["credits", "show", "cli"]);
+    assert!(ok && out.contains("2.500000"), "{out}");
+    let (ok, _, err) = run(&["credits", "add", "cli", "-5"]);
+    assert!(!ok, "a negative amount must fail: {err}");
+    let (ok, list, _) = run(&["keys", "list"]);
+    assert!(
+        ok && list.contains("active") && !list.contains(&key),
+        "{list}"
+    );
+
+    // A server on the same database takes the key.
+    let s = Server::start_raw(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        &format!("{MODEL}={}", model_path().display()),
+        "--database-url",
+        &db,
+        "--exit-on-stdin-eof",
+    ]);
+    let (st, h, _) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 200);
+    assert_eq!(h["x-ratelimit-limit-requests"], "5");
+    let id = list
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .next()
+                .filter(|w| w.starts_with("key_"))
+        })
+        .unwrap()
+        .to_owned();
+    let (ok, _, err) = run(&["keys", "revoke", &id]);
+    assert!(ok, "{err}");
+    // Revoked from another process: refused within about a second.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (st, _, _) = chat_as(&s, &key, &exact(1, "hi")).await;
+    assert_eq!(st, 401);
+}
