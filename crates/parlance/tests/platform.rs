@@ -231,13 +231,7 @@ async fn credits_are_reserved_then_settled_to_real_usage() {
     assert_eq!(a["balance"], 10_000 - cost, "{a}");
 
     // The usage record says the same.
-    let (st, u) = admin(
-        &s,
-        "GET",
-        &format!("/admin/usage?account=acme&group_by=model"),
-        None,
-    )
-    .await;
+    let (st, u) = admin(&s, "GET", "/admin/usage?account=acme&group_by=model", None).await;
     assert_eq!(st, 200, "{u}");
     let g = &u["data"][0];
     assert_eq!(g["group"], MODEL);
