@@ -6,12 +6,14 @@ import os
 import pathlib
 import re
 import subprocess
+import tempfile
 import threading
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
+ADMIN_TOKEN = "adm-sdk-test"
 
 
 def _binary() -> str:
@@ -32,9 +34,12 @@ def _model_path() -> str:
 @pytest.fixture(scope="session")
 def server():
     args = [_binary(), "serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof",
-            "--model", f"{MODEL}={_model_path()}", "--api-key", "sk-sdk-test"]
-    env = dict(os.environ, RUST_LOG="info")
-    env.pop("PARLANCE_API_KEYS", None)
+            "--model", f"{MODEL}={_model_path()}", "--api-key", "sk-sdk-test",
+            "--admin-token", ADMIN_TOKEN]
+    # A database of its own, in a scratch directory.
+    env = dict(os.environ, RUST_LOG="info", PARLANCE_DATA_DIR=tempfile.mkdtemp(prefix="parlance-sdk-"))
+    for var in ("PARLANCE_API_KEYS", "PARLANCE_DATABASE_URL", "PARLANCE_REDIS_URL"):
+        env.pop(var, None)
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
     base = None

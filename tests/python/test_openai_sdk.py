@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import MODEL, ROOT
+from conftest import ADMIN_TOKEN, MODEL, ROOT
 
 VALIDATOR = ROOT.parent / "shared" / "tools" / "validate_schema.py"
 
@@ -227,3 +227,34 @@ def test_anthropic_sdk_tool_use(server):
              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"}]}]
     r = c.messages.create(model=MODEL, max_tokens=20, tools=tools, tool_choice={"type": "none"}, messages=msgs)
     assert r.content[0].type == "text"
+
+
+def test_managed_key_rate_limit_is_the_sdks_rate_limit_error(server):
+    """A managed key from the admin API works with the SDK; over its limit the SDK raises its
+    own RateLimitError and can read OpenAI's rate-limit headers."""
+    admin = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert admin.post("/admin/accounts", json={"name": "sdk"}).status_code == 201
+    made = admin.post("/admin/keys", json={"account": "sdk", "rpm": 1})
+    assert made.status_code == 201, made.text
+    key = made.json()["key"]
+    client = OpenAI(base_url=server + "/v1", api_key=key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raw.headers["x-ratelimit-limit-requests"] == "1"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+    assert raw.parse().usage.total_tokens > 0
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.status_code == 429
+    assert e.value.code == "rate_limit_exceeded"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    # The Anthropic SDK maps the same refusal to its RateLimitError.
+    import anthropic
+    a = anthropic.Anthropic(base_url=server, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.RateLimitError):
+        a.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    # The usage shows up in the admin API.
+    usage = admin.get("/admin/usage", params={"account": "sdk", "group_by": "status"}).json()
+    by_status = {g["group"]: g["requests"] for g in usage["data"]}
+    assert by_status == {"200": 1, "429": 2}, usage

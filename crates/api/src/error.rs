@@ -325,6 +325,67 @@ mod tests {
         );
     }
 
+    /// The exact bodies of the platform's refusals (snapshots: a change here is a change of the
+    /// wire contract).
+    #[test]
+    fn platform_error_snapshots() {
+        let cases = [
+            (
+                ApiError::InsufficientBalance {
+                    needed: 120,
+                    balance: 50,
+                },
+                402,
+                r#"{"error":{"message":"Insufficient balance: this request may cost up to 120 micro-units and the account has 50 available. Add credits to continue.","type":"insufficient_balance","param":null,"code":"insufficient_balance"}}"#,
+            ),
+            (
+                ApiError::RateLimited {
+                    message: "Rate limit reached for requests per minute (RPM) on key key_1: Limit 2, Used 2, Requested 1. Please try again in 12s.".into(),
+                    limit: "requests",
+                    retry_after: 12,
+                    headers: RateLimitHeaders::default(),
+                },
+                429,
+                r#"{"error":{"message":"Rate limit reached for requests per minute (RPM) on key key_1: Limit 2, Used 2, Requested 1. Please try again in 12s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+            ),
+            (
+                ApiError::NotFound("No such account \"x\".".into()),
+                404,
+                r#"{"error":{"message":"No such account \"x\".","type":"invalid_request_error","param":null,"code":"not_found"}}"#,
+            ),
+            (
+                ApiError::AdminUnauthorized("Incorrect admin token.".into()),
+                401,
+                r#"{"error":{"message":"Incorrect admin token.","type":"authentication_error","param":null,"code":"invalid_admin_token"}}"#,
+            ),
+            (
+                ApiError::Conflict("The account \"a\" already exists.".into()),
+                409,
+                r#"{"error":{"message":"The account \"a\" already exists.","type":"invalid_request_error","param":null,"code":"conflict"}}"#,
+            ),
+        ];
+        for (e, status, body) in cases {
+            assert_eq!(e.status(StatusConvention::OpenAi), status);
+            assert_eq!(serde_json::to_string(&e.body()).unwrap_or_default(), body);
+        }
+        let limited = ApiError::RateLimited {
+            message: String::new(),
+            limit: "tokens",
+            retry_after: 7,
+            headers: RateLimitHeaders::default(),
+        };
+        assert_eq!(limited.retry_after(), Some(7));
+        assert_eq!(
+            ApiError::InsufficientBalance {
+                needed: 1,
+                balance: 0
+            }
+            .retry_after(),
+            None,
+            "retrying does not help an empty balance"
+        );
+    }
+
     #[test]
     fn reset_headers_read_like_openai() {
         assert_eq!(reset_duration(59), "59ms");
