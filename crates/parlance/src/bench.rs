@@ -1,7 +1,9 @@
 //! `parlance bench`: an LLM-aware load generator for any OpenAI-compatible server. It streams
 //! chat completions and measures time to first token, inter-token latency and output tokens per
 //! second, for the workloads of the performance plan (W1: one stream; W2: a concurrency sweep),
-//! and prints a table.
+//! and prints a table. The `rate` workload sends short plain requests at fixed rates (open loop)
+//! and reports latency percentiles: run it against a fast model (the `echo` provider) with and
+//! without keys, limits and prices to measure what the platform path adds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,12 @@ pub struct BenchArgs {
     /// Repeat each measurement this many times and report the median.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Request rates (per second) of the `rate` workload.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000")]
+    rate: Vec<u32>,
+    /// Seconds per rate in the `rate` workload.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
     /// Do not send `ignore_eos` (for servers that reject unknown fields).
     #[arg(long)]
     no_ignore_eos: bool,
@@ -203,14 +211,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         key: args.api_key.clone(),
     });
     let w = args.workload.to_lowercase();
-    if !matches!(w.as_str(), "w1" | "w2" | "all") {
-        bail!("--workload must be w1, w2 or all");
+    if !matches!(w.as_str(), "w1" | "w2" | "all" | "rate") {
+        bail!("--workload must be w1, w2, rate or all");
     }
     println!(
         "parlance bench: {} model={} max_tokens={} runs={runs}",
         args.url, args.model, args.max_tokens
     );
     rt.block_on(async {
+        if w == "rate" {
+            return fixed_rates(&client, &args).await;
+        }
         // Warm up: one short request so that nothing measured pays for first-use costs.
         let mut warm = body(&args, &nonce(), "Hi");
         warm["max_tokens"] = json!(4);
@@ -315,4 +326,78 @@ async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Ro
         itl_p99: pct(&mut itl, 0.99),
         failed: samples.iter().filter(|s| !s.ok).count(),
     }
+}
+
+/// One plain request; its status and latency measured from when it was due.
+async fn plain_one(client: &Client, body: &Value, due: Instant) -> (u16, Duration) {
+    let mut req = client
+        .http
+        .post(format!("{}/chat/completions", client.url))
+        .json(body);
+    if let Some(k) = &client.key {
+        req = req.bearer_auth(k);
+    }
+    let status = match req.send().await {
+        Ok(r) => {
+            let st = r.status().as_u16();
+            let _ = r.bytes().await;
+            st
+        }
+        Err(_) => 0,
+    };
+    (status, due.elapsed())
+}
+
+/// The `rate` workload: for each rate, requests sent on schedule (not waiting for answers),
+/// latency from each request's due time, so a stall is measured rather than hidden.
+#[expect(clippy::print_stdout, reason = "the bench prints its table")]
+async fn fixed_rates(client: &Arc<Client>, args: &BenchArgs) -> anyhow::Result<()> {
+    let body = json!({"model": args.model, "max_tokens": args.max_tokens,
+                      "messages": [{"role": "user", "content": "one two three four five six seven eight"}]});
+    // Warm up the connection pool and the server's caches.
+    for _ in 0..200 {
+        let (st, _) = plain_one(client, &body, Instant::now()).await;
+        if st != 200 {
+            bail!("the server answered {st} to a plain chat completion at {}", args.url);
+        }
+    }
+    println!();
+    println!("Fixed-rate plain requests ({} s per rate)", args.duration);
+    println!("| rate req/s | sent | ok | other | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &rate in &args.rate {
+        let total = u64::from(rate.max(1)) * args.duration;
+        let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let due = start + period.mul_f64(i as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let client = client.clone();
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move { plain_one(&client, &body, due).await }));
+        }
+        let mut lat = Vec::with_capacity(tasks.len());
+        let mut ok = 0usize;
+        let mut other = 0usize;
+        for t in tasks {
+            if let Ok((st, d)) = t.await {
+                if st == 200 {
+                    ok += 1;
+                    lat.push(ms(d));
+                } else {
+                    other += 1;
+                }
+            }
+        }
+        let max = lat.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {rate} | {total} | {ok} | {other} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.9),
+            pct(&mut lat, 0.99),
+            max
+        );
+    }
+    Ok(())
 }

@@ -101,6 +101,9 @@ impl EngineSection {
 pub struct ModelSection {
     /// Public name.
     pub name: String,
+    /// `local` (the default: a GGUF model in the embedded engine) or `echo` (answers at once
+    /// with the user's words; for smoke and load tests of the platform).
+    pub provider: Option<String>,
     /// GGUF file; `default` or absent: the default model (fetched on first use).
     pub path: Option<String>,
     /// Micro-units per million tokens (`{ prompt, cached_prompt, completion }`); free when

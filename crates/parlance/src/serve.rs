@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
-use parlance_providers::LocalProvider;
+use parlance_providers::{EchoProvider, LocalProvider};
 use parlance_server::AppState;
 use parlance_store::{Limiter, Store};
 
@@ -100,7 +100,8 @@ fn init_tracing(format: &str) -> anyhow::Result<()> {
 
 struct ModelSpec {
     name: String,
-    path: PathBuf,
+    /// The GGUF file; `None` for the echo provider.
+    path: Option<PathBuf>,
     engine: EngineSection,
     price: Price,
 }
@@ -139,16 +140,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let (name, path) = config::parse_model_flag(m)?;
         specs.push(ModelSpec {
             name,
-            path,
+            path: Some(path),
             engine: defaults.clone(),
             price: Price::default(),
         });
     }
     if specs.is_empty() {
         for m in &file.models {
-            let path = match m.path.as_deref() {
-                None | Some("default") => pull::ensure_default_model()?,
-                Some(p) => PathBuf::from(p),
+            let path = match (m.provider.as_deref(), m.path.as_deref()) {
+                (Some("echo"), _) => None,
+                (None | Some("local"), None | Some("default")) => {
+                    Some(pull::ensure_default_model()?)
+                }
+                (None | Some("local"), Some(p)) => Some(PathBuf::from(p)),
+                (Some(other), _) => bail!(
+                    "model {}: provider must be `local` or `echo`, not {other:?}",
+                    m.name
+                ),
             };
             m.price
                 .validate()
@@ -164,7 +172,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if specs.is_empty() {
         specs.push(ModelSpec {
             name: pull::DEFAULT_MODEL_NAME.into(),
-            path: pull::ensure_default_model()?,
+            path: Some(pull::ensure_default_model()?),
             engine: defaults.clone(),
             price: Price::default(),
         });
@@ -197,12 +205,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     for spec in specs {
+        let Some(path) = &spec.path else {
+            tracing::info!(model = %spec.name, "echo provider (answers with the user's words)");
+            catalog.insert(CatalogEntry {
+                name: spec.name,
+                provider: Arc::new(EchoProvider),
+                created: now,
+                price: spec.price,
+            });
+            continue;
+        };
         let cfg = spec
             .engine
             .build()
             .with_context(|| format!("model {}", spec.name))?;
-        tracing::info!(model = %spec.name, path = %spec.path.display(), "loading model");
-        let engine = Engine::load(&spec.path, &cfg)
+        tracing::info!(model = %spec.name, path = %path.display(), "loading model");
+        let engine = Engine::load(path, &cfg)
             .with_context(|| format!("cannot load model {}", spec.name))?;
         let info = engine.info();
         tracing::info!(

@@ -1,6 +1,7 @@
 //! One trait for anything that can complete a chat (the local engine now; OpenAI-compatible and
 //! Anthropic upstreams later), and the event stream every provider produces.
 
+mod echo;
 mod local;
 pub mod tools;
 
@@ -9,6 +10,7 @@ use std::pin::Pin;
 use futures::Stream;
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 
+pub use echo::EchoProvider;
 pub use local::LocalProvider;
 
 /// What a provider streams back, in order per choice; `Usage` comes last.
