@@ -204,7 +204,7 @@ impl Platform {
             prepared.max_completion_tokens(),
         );
         if let (Some(account), true) = (&principal.account_id, worst_cost > 0) {
-            match self.store.reserve(&request_id, account, worst_cost).await {
+            match self.store.reserve(account, worst_cost).await {
                 Ok(Reserve::Reserved) => ticket.update(|c| c.reserved = worst_cost),
                 Ok(Reserve::Insufficient { balance }) => {
                     let e = ApiError::InsufficientBalance {

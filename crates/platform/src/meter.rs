@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use parlance_api::{ApiError, StatusConvention, Usage};
 use parlance_providers::{ChatEvent, Tally};
-use parlance_store::{Limiter, Store, UsageRecord};
+use parlance_store::{Limiter, Settlement, Store, UsageRecord};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -161,47 +161,37 @@ impl Meter {
     }
 }
 
-/// Settles one request and makes its usage record.
-async fn settle(store: Store, limiter: Arc<Limiter>, c: Closing) -> UsageRecord {
+/// Turns a closed request into its settlement (when credit was held) and its usage record.
+fn close(c: Closing) -> (Option<Settlement>, UsageRecord, Option<(String, u64, u64)>) {
     let (prompt, cached, completion) = c.tokens();
     let cost = c.price.cost(prompt, cached, completion);
-    let mut charged = cost;
-    if c.reserved > 0 {
-        let mut attempt = 0;
-        loop {
-            match store.settle(&c.request_id, cost).await {
-                Ok(Some(s)) => {
-                    charged = s.charged;
-                    break;
-                }
-                Ok(None) => {
-                    tracing::error!(request_id = %c.request_id, "no reservation to settle");
-                    break;
-                }
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(request_id = %c.request_id, error = %e, attempt, "settlement failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-                Err(e) => {
-                    tracing::error!(request_id = %c.request_id, error = %e, "settlement failed; the reservation stays held");
-                    break;
-                }
+    let settlement = match (&c.account_id, c.reserved > 0) {
+        (Some(account), true) => {
+            if cost > c.reserved {
+                tracing::error!(
+                    request_id = %c.request_id,
+                    cost,
+                    reserved = c.reserved,
+                    "a request cost more than it reserved; charging what was reserved"
+                );
             }
+            Some(Settlement {
+                request_id: c.request_id.clone(),
+                account_id: account.clone(),
+                reserved: c.reserved,
+                charged: cost.min(c.reserved),
+            })
         }
-    }
-    if let Some((key, window, taken)) = &c.rate {
-        let used = prompt + completion;
-        if let Err(e) = limiter
-            .refund(key, *window, taken.saturating_sub(used))
-            .await
-        {
-            tracing::warn!(error = %e, "could not give back unused rate-limit tokens");
-        }
-    }
+        _ => None,
+    };
+    let charged = settlement.as_ref().map_or(cost, |s| s.charged);
+    // Rate-limit tokens taken for the worst case and not used go back.
+    let refund = c.rate.clone().map(|(key, window, taken)| {
+        (key, window, taken.saturating_sub(prompt + completion))
+    });
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    UsageRecord {
+    let record = UsageRecord {
         request_id: c.request_id,
         created_at: c.created_at,
         key_id: c.key_id,
@@ -218,68 +208,86 @@ async fn settle(store: Store, limiter: Arc<Limiter>, c: Closing) -> UsageRecord 
         outcome: c.outcome.to_owned(),
         user: c.user,
         labels: c.labels,
-    }
+    };
+    (settlement, record, refund)
 }
 
-async fn write(store: &Store, buf: &mut Vec<UsageRecord>) {
-    if buf.is_empty() {
-        return;
+/// Settlements and records waiting to be committed together.
+#[derive(Default)]
+struct Batch {
+    settlements: Vec<Settlement>,
+    records: Vec<UsageRecord>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.records.len()
     }
-    for attempt in 0..3u32 {
-        match store.insert_usage(buf).await {
-            Ok(()) => {
-                buf.clear();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, records = buf.len(), attempt, "writing usage failed");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+
+    /// Commits the batch in one transaction, retrying a few times; on failure it is kept for
+    /// the next attempt (credit stays held meanwhile, never lost or double-counted).
+    async fn write(&mut self, store: &Store) {
+        if self.records.is_empty() && self.settlements.is_empty() {
+            return;
+        }
+        for attempt in 0..3u32 {
+            match store.commit(&self.settlements, &self.records).await {
+                Ok(()) => {
+                    self.settlements.clear();
+                    self.records.clear();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, records = self.records.len(), attempt, "writing settlements and usage failed");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
             }
         }
-    }
-    // Keep them for the next attempt, within reason.
-    if buf.len() > 100_000 {
-        let drop = buf.len() - 100_000;
-        tracing::error!(
-            dropped = drop,
-            "usage records dropped: the database is unavailable"
-        );
-        buf.drain(..drop);
+        if self.records.len() > 100_000 {
+            let drop = self.records.len() - 100_000;
+            tracing::error!(dropped = drop, "usage records dropped: the database is unavailable");
+            self.records.drain(..drop);
+        }
     }
 }
 
 async fn run(mut rx: mpsc::UnboundedReceiver<Job>, store: Store, limiter: Arc<Limiter>) {
-    let mut pending: JoinSet<UsageRecord> = JoinSet::new();
-    let mut buf = Vec::new();
+    let mut refunds: JoinSet<()> = JoinSet::new();
+    let mut batch = Batch::default();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             job = rx.recv() => match job {
                 Some(Job::Close(c)) => {
-                    pending.spawn(settle(store.clone(), limiter.clone(), *c));
+                    let (settlement, record, refund) = close(*c);
+                    batch.settlements.extend(settlement);
+                    batch.records.push(record);
+                    if let Some((key, window, tokens)) = refund.filter(|r| r.2 > 0) {
+                        let limiter = limiter.clone();
+                        refunds.spawn(async move {
+                            if let Err(e) = limiter.refund(&key, window, tokens).await {
+                                tracing::warn!(error = %e, "could not give back unused rate-limit tokens");
+                            }
+                        });
+                    }
+                    if batch.len() >= BATCH {
+                        batch.write(&store).await;
+                    }
                 }
                 Some(Job::Flush(done)) => {
-                    while let Some(r) = pending.join_next().await {
-                        if let Ok(rec) = r { buf.push(rec); }
-                    }
-                    write(&store, &mut buf).await;
+                    while refunds.join_next().await.is_some() {}
+                    batch.write(&store).await;
                     let _ = done.send(());
                 }
                 None => break,
             },
-            Some(r) = pending.join_next(), if !pending.is_empty() => {
-                if let Ok(rec) = r { buf.push(rec); }
-                if buf.len() >= BATCH { write(&store, &mut buf).await; }
-            }
-            _ = tick.tick() => write(&store, &mut buf).await,
+            Some(_) = refunds.join_next(), if !refunds.is_empty() => {}
+            _ = tick.tick() => batch.write(&store).await,
         }
     }
-    while let Some(r) = pending.join_next().await {
-        if let Ok(rec) = r {
-            buf.push(rec);
-        }
-    }
-    write(&store, &mut buf).await;
+    while refunds.join_next().await.is_some() {}
+    batch.write(&store).await;
 }
 
 /// A provider's events, observed for metering on their way to the client.

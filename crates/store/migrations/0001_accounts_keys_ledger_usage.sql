@@ -1,11 +1,13 @@
--- Accounts with prepaid balances (integer micro-units), managed API keys, open reservations,
--- the ledger of every credit and charge, and one usage record per request.
+-- Accounts with prepaid balances (integer micro-units; `balance` is what is available now,
+-- `reserved` what requests in flight hold), managed API keys, the ledger of every credit and
+-- charge, and one usage record per request.
 -- Written once for both SQLite and PostgreSQL: text ids, BIGINT integers, epoch milliseconds.
 
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     balance BIGINT NOT NULL DEFAULT 0 CHECK (balance >= 0),
+    reserved BIGINT NOT NULL DEFAULT 0 CHECK (reserved >= 0),
     created_at BIGINT NOT NULL
 );
 
@@ -21,14 +23,6 @@ CREATE TABLE api_keys (
     revoked_at BIGINT
 );
 CREATE INDEX api_keys_account ON api_keys (account_id);
-
-CREATE TABLE reservations (
-    request_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts (id),
-    amount BIGINT NOT NULL CHECK (amount >= 0),
-    created_at BIGINT NOT NULL
-);
-CREATE INDEX reservations_account ON reservations (account_id);
 
 CREATE TABLE ledger (
     id TEXT PRIMARY KEY,

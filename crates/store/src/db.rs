@@ -1,5 +1,5 @@
 //! The database: connect (SQLite or PostgreSQL by URL), migrate, and the statements for
-//! accounts, keys, reservations and the ledger.
+//! accounts, keys, reservations, settlement and the ledger.
 
 use std::time::Duration;
 
@@ -86,14 +86,16 @@ pub enum Reserve {
     },
 }
 
-/// The outcome of a settlement.
+/// One request's reservation turned into a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settled {
+pub struct Settlement {
+    /// The request (the ledger entry names it).
+    pub request_id: String,
     /// The account.
     pub account_id: String,
-    /// What had been held.
+    /// What was held for it.
     pub reserved: i64,
-    /// What was charged (never more than was held).
+    /// What it cost (at most `reserved`).
     pub charged: i64,
 }
 
@@ -137,8 +139,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-const ACCOUNT_COLUMNS: &str = "a.id, a.name, a.balance, a.created_at, \
-     CAST(COALESCE((SELECT SUM(r.amount) FROM reservations r WHERE r.account_id = a.id), 0) AS BIGINT) AS reserved";
+const ACCOUNT_COLUMNS: &str = "a.id, a.name, a.balance, a.reserved, a.created_at";
 
 impl Store {
     /// Connects to `sqlite://PATH` (created if missing), `sqlite::memory:`, or
@@ -388,102 +389,89 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Holds `amount` of the account's balance for a request, atomically: on every replica and
-    /// under any concurrency, the balance never goes below zero.
-    pub async fn reserve(
-        &self,
-        request_id: &str,
-        account_id: &str,
-        amount: i64,
-    ) -> Result<Reserve, StoreError> {
+    /// Holds `amount` of the account's balance for a request, atomically and in one statement:
+    /// on every replica and under any concurrency, the balance never goes below zero.
+    pub async fn reserve(&self, account_id: &str, amount: i64) -> Result<Reserve, StoreError> {
         if amount < 0 {
             return Err(StoreError::Invalid(
                 "a reservation cannot be negative".into(),
             ));
         }
-        let mut tx = self.pool.begin().await?;
         let taken = sqlx::query(
-            "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1",
+            "UPDATE accounts SET balance = balance - $1, reserved = reserved + $1 \
+             WHERE id = $2 AND balance >= $1",
         )
         .bind(amount)
         .bind(account_id)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        if taken.rows_affected() == 0 {
-            tx.rollback().await?;
-            let balance = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
-                .bind(account_id)
-                .fetch_optional(&self.pool)
-                .await?
-                .map(|r| r.try_get::<i64, _>("balance"))
-                .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("account {account_id:?}")))?;
-            return Ok(Reserve::Insufficient { balance });
+        if taken.rows_affected() == 1 {
+            return Ok(Reserve::Reserved);
         }
-        sqlx::query(
-            "INSERT INTO reservations (request_id, account_id, amount, created_at) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(request_id)
-        .bind(account_id)
-        .bind(amount)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Reserve::Reserved)
+        let balance = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<i64, _>("balance"))
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("account {account_id:?}")))?;
+        Ok(Reserve::Insufficient { balance })
     }
 
-    /// Turns a reservation into a charge of `cost` (at most what was held) and gives the rest
-    /// back. Exactly once: a second settlement of the same request finds nothing and returns
-    /// `None`.
-    pub async fn settle(&self, request_id: &str, cost: i64) -> Result<Option<Settled>, StoreError> {
+    /// Settles reservations and writes usage records in one transaction: each account gets back
+    /// what it held minus what was charged (one statement per account), each charge gets a
+    /// ledger entry, each request its record. All or nothing, so the ledger and the usage
+    /// records always agree.
+    pub async fn commit(
+        &self,
+        settlements: &[Settlement],
+        usage: &[crate::UsageRecord],
+    ) -> Result<(), StoreError> {
+        if settlements.is_empty() && usage.is_empty() {
+            return Ok(());
+        }
+        let mut per_account: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+        for st in settlements {
+            let charged = st.charged.clamp(0, st.reserved);
+            let e = per_account.entry(&st.account_id).or_default();
+            e.0 += st.reserved - charged;
+            e.1 += st.reserved;
+        }
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "DELETE FROM reservations WHERE request_id = $1 RETURNING account_id, amount",
-        )
-        .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let account_id: String = row.try_get("account_id")?;
-        let reserved: i64 = row.try_get("amount")?;
-        if cost > reserved {
-            tracing::error!(
-                request_id,
-                cost,
-                reserved,
-                "a request cost more than it reserved; charging what was reserved"
-            );
-        }
-        let charged = cost.clamp(0, reserved);
-        sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
-            .bind(reserved - charged)
-            .bind(&account_id)
-            .execute(&mut *tx)
-            .await?;
-        if charged > 0 {
+        for (account, (refund, held)) in &per_account {
             sqlx::query(
-                "INSERT INTO ledger (id, account_id, amount, kind, request_id, note, created_at) \
-                 VALUES ($1, $2, $3, 'charge', $4, NULL, $5)",
+                "UPDATE accounts SET balance = balance + $1, reserved = reserved - $2 WHERE id = $3",
             )
-            .bind(new_id("led"))
-            .bind(&account_id)
-            .bind(-charged)
-            .bind(request_id)
-            .bind(now_ms())
+            .bind(*refund)
+            .bind(*held)
+            .bind(*account)
             .execute(&mut *tx)
             .await?;
         }
+        let now = now_ms();
+        let charges: Vec<&Settlement> = settlements.iter().filter(|s| s.charged > 0).collect();
+        for chunk in charges.chunks(500) {
+            let sql = format!(
+                "INSERT INTO ledger (id, account_id, amount, kind, request_id, note, created_at) VALUES {} \
+                 ON CONFLICT (request_id) DO NOTHING",
+                crate::usage::values(chunk.len(), 7)
+            );
+            let mut q = sqlx::query(&sql);
+            for st in chunk {
+                q = q
+                    .bind(new_id("led"))
+                    .bind(st.account_id.clone())
+                    .bind(-st.charged.clamp(0, st.reserved))
+                    .bind("charge")
+                    .bind(st.request_id.clone())
+                    .bind(None::<String>)
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        crate::usage::insert_usage(&mut tx, usage).await?;
         tx.commit().await?;
-        Ok(Some(Settled {
-            account_id,
-            reserved,
-            charged,
-        }))
+        Ok(())
     }
 
     /// The sum of an account's ledger: credits minus charges. With no request in flight it

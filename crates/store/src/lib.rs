@@ -10,7 +10,7 @@ mod db;
 mod limits;
 mod usage;
 
-pub use db::{Account, Backend, KeyRecord, Reserve, Settled, Store, StoreError};
+pub use db::{Account, Backend, KeyRecord, Reserve, Settlement, Store, StoreError};
 pub use limits::{Admit, LimitState, Limiter, Limits, Refusal};
 pub use usage::{UsageGroup, UsageQuery, UsageRecord};
 

@@ -88,6 +88,84 @@ pub struct UsageGroup {
     pub avg_ttft_ms: Option<i64>,
 }
 
+/// `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
+pub(crate) fn values(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * cols + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+/// Writes usage records (and their labels) with multi-row statements, inside a transaction.
+pub(crate) async fn insert_usage(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    records: &[UsageRecord],
+) -> Result<(), StoreError> {
+    for chunk in records.chunks(500) {
+        let sql = format!(
+            "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
+             prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
+             outcome, user_id, labels) VALUES {} ON CONFLICT (request_id) DO NOTHING",
+            values(chunk.len(), 16)
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".into());
+            q = q
+                .bind(r.request_id.clone())
+                .bind(r.created_at)
+                .bind(r.key_id.clone())
+                .bind(r.account_id.clone())
+                .bind(r.model.clone())
+                .bind(r.provider.clone())
+                .bind(r.prompt_tokens)
+                .bind(r.cached_tokens)
+                .bind(r.completion_tokens)
+                .bind(r.cost)
+                .bind(r.latency_ms)
+                .bind(r.ttft_ms)
+                .bind(r.status)
+                .bind(r.outcome.clone())
+                .bind(r.user.clone())
+                .bind(labels);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let labels: Vec<(&str, &str, &str)> = records
+        .iter()
+        .flat_map(|r| {
+            r.labels
+                .iter()
+                .map(|(k, v)| (r.request_id.as_str(), k.as_str(), v.as_str()))
+        })
+        .collect();
+    for chunk in labels.chunks(1000) {
+        let sql = format!(
+            "INSERT INTO usage_labels (request_id, name, value) VALUES {} \
+             ON CONFLICT (request_id, name) DO NOTHING",
+            values(chunk.len(), 3)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, k, v) in chunk {
+            q = q.bind(id.to_string()).bind(k.to_string()).bind(v.to_string());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// A day number (days since the epoch) as `YYYY-MM-DD` (Howard Hinnant's civil-from-days).
 fn civil(days: i64) -> String {
     let z = days + 719_468;
@@ -105,54 +183,7 @@ fn civil(days: i64) -> String {
 impl Store {
     /// Writes records in one transaction; a record already written (same request id) is kept.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for r in records {
-            let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".into());
-            let inserted = sqlx::query(
-                "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
-                 prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
-                 outcome, user_id, labels) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(&r.request_id)
-            .bind(r.created_at)
-            .bind(&r.key_id)
-            .bind(&r.account_id)
-            .bind(&r.model)
-            .bind(&r.provider)
-            .bind(r.prompt_tokens)
-            .bind(r.cached_tokens)
-            .bind(r.completion_tokens)
-            .bind(r.cost)
-            .bind(r.latency_ms)
-            .bind(r.ttft_ms)
-            .bind(r.status)
-            .bind(&r.outcome)
-            .bind(&r.user)
-            .bind(labels)
-            .execute(&mut *tx)
-            .await?;
-            if inserted.rows_affected() == 0 {
-                continue;
-            }
-            for (name, value) in &r.labels {
-                sqlx::query(
-                    "INSERT INTO usage_labels (request_id, name, value) VALUES ($1, $2, $3) \
-                     ON CONFLICT (request_id, name) DO NOTHING",
-                )
-                .bind(&r.request_id)
-                .bind(name)
-                .bind(value)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+        self.commit(&[], records).await
     }
 
     /// Aggregates usage records, grouped as asked (largest cost first), or one total.
@@ -280,6 +311,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::civil;
+
+    #[test]
+    fn placeholder_groups() {
+        assert_eq!(super::values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
 
     #[test]
     fn days_to_dates() {

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parlance_store::{
-    Admit, KeyRecord, Limiter, Limits, Refusal, Reserve, Store, UsageQuery, UsageRecord,
+    Admit, KeyRecord, Limiter, Limits, Refusal, Reserve, Settlement, Store, UsageQuery,
+    UsageRecord,
 };
 use sqlx::Connection;
 
@@ -138,35 +139,68 @@ async fn accounts_keys_and_credits() {
     }
 }
 
+fn settlement(id: &str, account: &str, reserved: i64, charged: i64) -> Settlement {
+    Settlement {
+        request_id: id.into(),
+        account_id: account.into(),
+        reserved,
+        charged,
+    }
+}
+
 #[tokio::test]
-async fn reserve_settle_exactly_once() {
+async fn reserve_then_settle_in_batches() {
     for (url, store) in each_backend().await {
         let acct = store.create_account("acme").await.unwrap();
+        let other = store.create_account("other").await.unwrap();
         store.add_credits(&acct.id, 100, None).await.unwrap();
-        assert_eq!(
-            store.reserve("r1", &acct.id, 60).await.unwrap(),
-            Reserve::Reserved
-        );
+        store.add_credits(&other.id, 10, None).await.unwrap();
+        assert_eq!(store.reserve(&acct.id, 60).await.unwrap(), Reserve::Reserved);
         let held = store.account(&acct.id).await.unwrap().unwrap();
         assert_eq!((held.balance, held.reserved), (40, 60), "{url}");
         // The rest cannot cover a second one of the same size.
         assert_eq!(
-            store.reserve("r2", &acct.id, 60).await.unwrap(),
+            store.reserve(&acct.id, 60).await.unwrap(),
             Reserve::Insufficient { balance: 40 }
         );
-        let s = store.settle("r1", 25).await.unwrap().unwrap();
-        assert_eq!((s.reserved, s.charged), (60, 25));
-        // A second settlement finds nothing: no double refund, no double charge.
-        assert_eq!(store.settle("r1", 25).await.unwrap(), None);
+        assert!(matches!(
+            store.reserve("acct_missing", 1).await,
+            Err(parlance_store::StoreError::NotFound(_))
+        ));
+        assert_eq!(store.reserve(&acct.id, 30).await.unwrap(), Reserve::Reserved);
+        assert_eq!(store.reserve(&other.id, 10).await.unwrap(), Reserve::Reserved);
+        // One batch settles three requests of two accounts, with their usage records.
+        let usage = vec![
+            record("s1", "m", "u", "t", 25, 200),
+            record("s2", "m", "u", "t", 30, 200),
+        ];
+        store
+            .commit(
+                &[
+                    settlement("s1", &acct.id, 60, 25),
+                    settlement("s2", &acct.id, 30, 30),
+                    settlement("s3", &other.id, 10, 0),
+                ],
+                &usage,
+            )
+            .await
+            .unwrap();
         let after = store.account(&acct.id).await.unwrap().unwrap();
-        assert_eq!((after.balance, after.reserved), (75, 0));
-        assert_eq!(store.ledger_total(&acct.id).await.unwrap(), 75);
-        // A cost above the reservation is clamped to it: the balance never goes negative.
-        store.reserve("r3", &acct.id, 75).await.unwrap();
-        let s = store.settle("r3", 1_000).await.unwrap().unwrap();
-        assert_eq!(s.charged, 75);
+        assert_eq!((after.balance, after.reserved), (45, 0));
+        assert_eq!(store.ledger_total(&acct.id).await.unwrap(), 45);
+        let o = store.account(&other.id).await.unwrap().unwrap();
+        assert_eq!((o.balance, o.reserved), (10, 0));
+        assert_eq!(store.ledger_total(&other.id).await.unwrap(), 10);
+        let total = store.usage(&UsageQuery::default()).await.unwrap();
+        assert_eq!((total[0].requests, total[0].cost), (2, 55));
+        // A charge above the reservation is clamped to it: the balance never goes negative.
+        store.reserve(&acct.id, 45).await.unwrap();
+        store
+            .commit(&[settlement("s4", &acct.id, 45, 1_000)], &[])
+            .await
+            .unwrap();
         let empty = store.account(&acct.id).await.unwrap().unwrap();
-        assert_eq!(empty.balance, 0);
+        assert_eq!((empty.balance, empty.reserved), (0, 0));
         assert_eq!(store.ledger_total(&acct.id).await.unwrap(), 0);
     }
 }
@@ -181,11 +215,11 @@ async fn concurrent_reservations_never_overspend() {
         let acct = a.create_account("race").await.unwrap();
         a.add_credits(&acct.id, 500, None).await.unwrap();
         let mut tasks = Vec::new();
-        for i in 0..300 {
+        for i in 0..300u32 {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
             let id = acct.id.clone();
             tasks.push(tokio::spawn(async move {
-                s.reserve(&format!("req{i}"), &id, 10).await.unwrap()
+                s.reserve(&id, 10).await.unwrap()
             }));
         }
         let mut ok = 0;
