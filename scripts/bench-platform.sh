@@ -22,7 +22,7 @@ TOML
 run() {
   local label="$1"; shift
   local port=$((18000 + RANDOM % 1000))
-  RUST_LOG=warn "$bin" serve --addr "127.0.0.1:$port" --config "$work/parlance.toml" \
+  RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --addr "127.0.0.1:$port" --config "$work/parlance.toml" \
     --api-key sk-static-bench --admin-token adm "$@" 2>"$work/server.log" &
   local pid=$!
   for _ in $(seq 100); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
@@ -37,9 +37,13 @@ run() {
   "$bin" bench --url "http://127.0.0.1:$port/v1" --model echo --workload rate --rate "$rates" --duration "$secs" --max-tokens 8 --api-key "$key" | tail -n +3
   echo "server RSS: $(ps -o rss= -p $pid) KiB"
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  [ -z "${BENCH_LOG:-}" ] || cp "$work/server.log" "$BENCH_LOG.$label"
 }
 
 run "SQLite" --database-url "sqlite://$work/bench.db"
 if [ -n "${PARLANCE_TEST_POSTGRES_URL:-}" ] && [ -n "${PARLANCE_TEST_REDIS_URL:-}" ]; then
-  run "PostgreSQL + Redis" --database-url "$PARLANCE_TEST_POSTGRES_URL" --redis-url "$PARLANCE_TEST_REDIS_URL"
+  # A fresh database for the run.
+  db="bench_$(date +%s)_$RANDOM"
+  psql "$PARLANCE_TEST_POSTGRES_URL" -qc "CREATE DATABASE $db" >/dev/null
+  run "PostgreSQL + Redis" --database-url "${PARLANCE_TEST_POSTGRES_URL%/*}/$db" --redis-url "$PARLANCE_TEST_REDIS_URL"
 fi

@@ -358,7 +358,10 @@ async fn fixed_rates(client: &Arc<Client>, args: &BenchArgs) -> anyhow::Result<(
     for _ in 0..200 {
         let (st, _) = plain_one(client, &body, Instant::now()).await;
         if st != 200 {
-            bail!("the server answered {st} to a plain chat completion at {}", args.url);
+            bail!(
+                "the server answered {st} to a plain chat completion at {}",
+                args.url
+            );
         }
     }
     println!();
@@ -375,7 +378,9 @@ async fn fixed_rates(client: &Arc<Client>, args: &BenchArgs) -> anyhow::Result<(
             tokio::time::sleep_until(due.into()).await;
             let client = client.clone();
             let body = body.clone();
-            tasks.push(tokio::spawn(async move { plain_one(&client, &body, due).await }));
+            tasks.push(tokio::spawn(
+                async move { plain_one(&client, &body, due).await },
+            ));
         }
         let mut lat = Vec::with_capacity(tasks.len());
         let mut ok = 0usize;

@@ -220,8 +220,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .build()
             .with_context(|| format!("model {}", spec.name))?;
         tracing::info!(model = %spec.name, path = %path.display(), "loading model");
-        let engine = Engine::load(path, &cfg)
-            .with_context(|| format!("cannot load model {}", spec.name))?;
+        let engine =
+            Engine::load(path, &cfg).with_context(|| format!("cannot load model {}", spec.name))?;
         let info = engine.info();
         tracing::info!(
             model = %spec.name,

@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 use crate::pricing::Price;
 
 /// Records are written when this many are waiting, or after [`FLUSH_EVERY`].
-const BATCH: usize = 256;
-const FLUSH_EVERY: Duration = Duration::from_millis(250);
+const BATCH: usize = 32;
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// What a request was and what happened to it, filled in as it goes.
 #[derive(Debug, Clone)]
@@ -186,9 +186,10 @@ fn close(c: Closing) -> (Option<Settlement>, UsageRecord, Option<(String, u64, u
     };
     let charged = settlement.as_ref().map_or(cost, |s| s.charged);
     // Rate-limit tokens taken for the worst case and not used go back.
-    let refund = c.rate.clone().map(|(key, window, taken)| {
-        (key, window, taken.saturating_sub(prompt + completion))
-    });
+    let refund = c
+        .rate
+        .clone()
+        .map(|(key, window, taken)| (key, window, taken.saturating_sub(prompt + completion)));
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let record = UsageRecord {
@@ -231,8 +232,15 @@ impl Batch {
             return;
         }
         for attempt in 0..3u32 {
+            let started = Instant::now();
             match store.commit(&self.settlements, &self.records).await {
                 Ok(()) => {
+                    tracing::debug!(
+                        records = self.records.len(),
+                        settlements = self.settlements.len(),
+                        micros = started.elapsed().as_micros() as u64,
+                        "committed usage batch"
+                    );
                     self.settlements.clear();
                     self.records.clear();
                     return;
@@ -245,7 +253,10 @@ impl Batch {
         }
         if self.records.len() > 100_000 {
             let drop = self.records.len() - 100_000;
-            tracing::error!(dropped = drop, "usage records dropped: the database is unavailable");
+            tracing::error!(
+                dropped = drop,
+                "usage records dropped: the database is unavailable"
+            );
             self.records.drain(..drop);
         }
     }

@@ -136,7 +136,9 @@ mod tests {
         let text: String = events
             .iter()
             .filter_map(|e| match e {
-                ChatEvent::Text { choice: 0, text, .. } => Some(text.as_str()),
+                ChatEvent::Text {
+                    choice: 0, text, ..
+                } => Some(text.as_str()),
                 _ => None,
             })
             .collect();
@@ -146,9 +148,6 @@ mod tests {
             reason: FinishReason::Length,
             stop_sequence: None
         }));
-        assert_eq!(
-            events.last(),
-            Some(&ChatEvent::Usage(Usage::new(14, 0, 6)))
-        );
+        assert_eq!(events.last(), Some(&ChatEvent::Usage(Usage::new(14, 0, 6))));
     }
 }

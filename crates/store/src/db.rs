@@ -135,6 +135,34 @@ fn account_row(r: &AnyRow) -> Result<Account, sqlx::Error> {
     })
 }
 
+/// Copies the SQLite write-ahead log into the database file every second, on a connection of
+/// its own (a passive checkpoint never blocks the writer), until the store is closed.
+async fn checkpoints(url: &str, main: AnyPool) -> Result<(), StoreError> {
+    let pool = AnyPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("PRAGMA busy_timeout = 5000;").await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while !main.is_closed() {
+            tick.tick().await;
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+            }
+        }
+    });
+    Ok(())
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -171,9 +199,12 @@ impl Store {
                 .max_connections(1)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
+                        // Checkpoints (which wait for the disk) run on a connection of their
+                        // own, so that no request waits behind one.
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+                             PRAGMA wal_autocheckpoint = 0;",
                         )
                         .await?;
                         Ok(())
@@ -187,6 +218,9 @@ impl Store {
             .await?;
         let store = Store { pool, backend };
         store.migrate().await?;
+        if backend == Backend::Sqlite && !url.contains("memory") {
+            checkpoints(&url, store.pool.clone()).await?;
+        }
         Ok(store)
     }
 

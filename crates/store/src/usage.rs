@@ -113,7 +113,7 @@ pub(crate) async fn insert_usage(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     records: &[UsageRecord],
 ) -> Result<(), StoreError> {
-    for chunk in records.chunks(500) {
+    for chunk in records.chunks(32) {
         let sql = format!(
             "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
              prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
@@ -159,7 +159,10 @@ pub(crate) async fn insert_usage(
         );
         let mut q = sqlx::query(&sql);
         for (id, k, v) in chunk {
-            q = q.bind(id.to_string()).bind(k.to_string()).bind(v.to_string());
+            q = q
+                .bind(id.to_string())
+                .bind(k.to_string())
+                .bind(v.to_string());
         }
         q.execute(&mut **tx).await?;
     }

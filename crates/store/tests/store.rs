@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parlance_store::{
-    Admit, KeyRecord, Limiter, Limits, Refusal, Reserve, Settlement, Store, UsageQuery,
-    UsageRecord,
+    Admit, KeyRecord, Limiter, Limits, Refusal, Reserve, Settlement, Store, UsageQuery, UsageRecord,
 };
 use sqlx::Connection;
 
@@ -155,7 +154,10 @@ async fn reserve_then_settle_in_batches() {
         let other = store.create_account("other").await.unwrap();
         store.add_credits(&acct.id, 100, None).await.unwrap();
         store.add_credits(&other.id, 10, None).await.unwrap();
-        assert_eq!(store.reserve(&acct.id, 60).await.unwrap(), Reserve::Reserved);
+        assert_eq!(
+            store.reserve(&acct.id, 60).await.unwrap(),
+            Reserve::Reserved
+        );
         let held = store.account(&acct.id).await.unwrap().unwrap();
         assert_eq!((held.balance, held.reserved), (40, 60), "{url}");
         // The rest cannot cover a second one of the same size.
@@ -167,8 +169,14 @@ async fn reserve_then_settle_in_batches() {
             store.reserve("acct_missing", 1).await,
             Err(parlance_store::StoreError::NotFound(_))
         ));
-        assert_eq!(store.reserve(&acct.id, 30).await.unwrap(), Reserve::Reserved);
-        assert_eq!(store.reserve(&other.id, 10).await.unwrap(), Reserve::Reserved);
+        assert_eq!(
+            store.reserve(&acct.id, 30).await.unwrap(),
+            Reserve::Reserved
+        );
+        assert_eq!(
+            store.reserve(&other.id, 10).await.unwrap(),
+            Reserve::Reserved
+        );
         // One batch settles three requests of two accounts, with their usage records.
         let usage = vec![
             record("s1", "m", "u", "t", 25, 200),
@@ -218,9 +226,9 @@ async fn concurrent_reservations_never_overspend() {
         for i in 0..300u32 {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
             let id = acct.id.clone();
-            tasks.push(tokio::spawn(async move {
-                s.reserve(&id, 10).await.unwrap()
-            }));
+            tasks.push(tokio::spawn(
+                async move { s.reserve(&id, 10).await.unwrap() },
+            ));
         }
         let mut ok = 0;
         for t in tasks {
