@@ -586,3 +586,70 @@ async fn command_line_manages_keys_and_credits() {
     let (st, _, _) = chat_as(&s, &key, &exact(1, "hi")).await;
     assert_eq!(st, 401);
 }
+
+/// Usage records still waiting in the batch when SIGTERM arrives are written before exit.
+#[tokio::test]
+async fn graceful_shutdown_writes_every_usage_record() {
+    let dir = scratch();
+    let db = format!("sqlite://{}", dir.join("shutdown.db").display());
+    let mut s = Server::start_raw(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        &format!("{MODEL}={}", model_path().display()),
+        "--database-url",
+        &db,
+        "--exit-on-stdin-eof",
+    ]);
+    for i in 0..5 {
+        let mut body = exact(2, "hi");
+        body["metadata"] = json!({"run": format!("r{i}")});
+        let (st, _, _) = chat_as(&s, "unused", &body).await;
+        assert_eq!(st, 200);
+    }
+    // A stream in flight when SIGTERM arrives finishes, and its record is written by the
+    // shutdown itself (the server has stopped serving by then).
+    let mut body = exact(60, "Tell me a story.");
+    body["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = r.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    s.terminate();
+    let mut text = String::new();
+    while let Some(c) = chunks.next().await {
+        text.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    assert!(text.contains("[DONE]"), "the in-flight stream was cut");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = parlance_store::Store::open(&db).await.unwrap();
+    let total = store
+        .usage(&parlance_store::UsageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(total[0].requests, 6, "usage records were lost at shutdown");
+    assert_eq!(total[0].completion_tokens, 10 + 60);
+    let by_label = store
+        .usage(&parlance_store::UsageQuery {
+            group_by: Some("label:run".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Five labelled runs, and the stream without the label.
+    assert_eq!(by_label.iter().filter(|g| g.group.is_some()).count(), 5);
+    assert_eq!(by_label.iter().filter(|g| g.group.is_none()).count(), 1);
+}
