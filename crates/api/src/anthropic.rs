@@ -155,6 +155,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         tools,
         tool_choice,
         parallel_tool_calls,
+        max_ttft_ms: None,
     })
 }
 

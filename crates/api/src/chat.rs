@@ -62,6 +62,9 @@ pub struct ChatRequest {
     pub tool_choice: ToolChoice,
     /// Whether several calls may come in one answer.
     pub parallel_tool_calls: bool,
+    /// parlance extension: abandon an upstream attempt whose first token has not arrived after
+    /// this many milliseconds and try the next deployment.
+    pub max_ttft_ms: Option<u64>,
 }
 
 /// A function tool.
@@ -181,6 +184,7 @@ struct RawRequest {
     min_p: Option<f64>,
     repetition_penalty: Option<f64>,
     ignore_eos: Option<bool>,
+    max_ttft_ms: Option<i64>,
     reasoning_effort: Option<String>,
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
@@ -340,6 +344,18 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         }
     }
     let metadata = parse_metadata(raw.metadata)?;
+    let max_ttft_ms = match raw.max_ttft_ms {
+        None => None,
+        Some(ms) if (1..=600_000).contains(&ms) => Some(ms as u64),
+        Some(ms) => {
+            return Err(ApiError::invalid(
+                "max_ttft_ms",
+                format!(
+                "Invalid value for 'max_ttft_ms': {ms}. Expected milliseconds from 1 to 600000."
+            ),
+            ))
+        }
+    };
     let top_k = match raw.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 && k <= i64::from(u32::MAX) => k as u32,
@@ -484,6 +500,7 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         tools,
         tool_choice,
         parallel_tool_calls,
+        max_ttft_ms,
     })
 }
 

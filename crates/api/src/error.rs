@@ -96,6 +96,19 @@ pub enum ApiError {
     /// The resource already exists.
     #[error("{0}")]
     Conflict(String),
+    /// An upstream provider refused or failed (its status as it answered; see `status()`).
+    #[error("{message}")]
+    Upstream {
+        /// The upstream's HTTP status (502 when it could not be reached or broke its protocol).
+        status: u16,
+        /// What went wrong, without secrets.
+        message: String,
+        /// How long the upstream asked us to wait, if it said.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// No deployment produced a first token within `max_ttft_ms`.
+    #[error("No deployment of the model produced a first token within {0} ms.")]
+    TtftDeadline(u64),
     /// Anything else: the message is generic, details go to the log only.
     #[error("The server had an error while processing your request. Sorry about that!")]
     Internal,
@@ -217,6 +230,14 @@ impl ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::AdminUnauthorized(_) => 401,
             ApiError::Conflict(_) => 409,
+            // The caller's own mistakes keep their status; an upstream that is over its limits
+            // makes this service overloaded (503); anything else is a bad gateway.
+            ApiError::Upstream { status, .. } => match status {
+                400 | 404 | 413 | 422 => *status,
+                429 | 503 | 529 => 503,
+                _ => 502,
+            },
+            ApiError::TtftDeadline(_) => 504,
             ApiError::Internal => 500,
         }
     }
@@ -237,6 +258,16 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::AdminUnauthorized(_) => "authentication_error",
             ApiError::InsufficientBalance { .. } => "insufficient_balance",
             ApiError::RateLimited { limit, .. } => limit,
+            ApiError::Upstream {
+                status: 400 | 404 | 413 | 422,
+                ..
+            } => "invalid_request_error",
+            ApiError::Upstream {
+                status: 429 | 503 | 529,
+                ..
+            } => "service_unavailable_error",
+            ApiError::Upstream { .. } => "upstream_error",
+            ApiError::TtftDeadline(_) => "timeout_error",
             ApiError::Overloaded(_) | ApiError::NotReady(_) => "service_unavailable_error",
             ApiError::Internal => "server_error",
         }
@@ -261,6 +292,12 @@ impl ApiError {
             ApiError::NotFound(_) => Some("not_found"),
             ApiError::AdminUnauthorized(_) => Some("invalid_admin_token"),
             ApiError::Conflict(_) => Some("conflict"),
+            ApiError::Upstream {
+                status: 429 | 503 | 529,
+                ..
+            } => Some("upstream_overloaded"),
+            ApiError::Upstream { .. } => Some("upstream_error"),
+            ApiError::TtftDeadline(_) => Some("ttft_deadline_exceeded"),
             ApiError::Internal => Some("internal_error"),
         }
     }
@@ -285,6 +322,8 @@ impl ApiError {
             | ApiError::NotFound(_)
             | ApiError::AdminUnauthorized(_)
             | ApiError::Conflict(_)
+            | ApiError::Upstream { .. }
+            | ApiError::TtftDeadline(_)
             | ApiError::Internal => None,
         }
     }
@@ -294,6 +333,11 @@ impl ApiError {
         match self {
             ApiError::Overloaded(_) | ApiError::NotReady(_) => Some(1),
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::Upstream {
+                status: 429 | 503 | 529,
+                retry_after,
+                ..
+            } => Some(retry_after.map_or(1, |d| d.as_secs().clamp(1, 3600) as u32)),
             _ => None,
         }
     }

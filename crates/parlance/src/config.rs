@@ -36,9 +36,41 @@ pub struct FileConfig {
     /// Defaults for every local model.
     #[serde(default)]
     pub engine: EngineSection,
-    /// Local models to serve.
+    /// Models to serve (local, echo, or deployments on upstream providers).
     #[serde(default)]
     pub models: Vec<ModelSection>,
+    /// Upstream providers that models' deployments name.
+    #[serde(default)]
+    pub providers: Vec<ProviderSection>,
+}
+
+/// An upstream provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// The name deployments refer to.
+    pub name: String,
+    /// `openai` (any OpenAI-compatible server).
+    pub kind: String,
+    /// Base URL, up to and including `/v1`.
+    pub base_url: String,
+    /// The key (a secret; prefer `api_key_env`).
+    pub api_key: Option<String>,
+    /// The environment variable holding the key.
+    pub api_key_env: Option<String>,
+}
+
+/// One deployment of a model on a provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSection {
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for the model.
+    pub model: String,
+    /// Weight of the first choice (absent: 1 for the first deployment, 0 for the rest, i.e.
+    /// ordered fall-backs).
+    pub weight: Option<u32>,
 }
 
 /// Engine settings; every field optional so that files, flags and defaults layer.
@@ -110,6 +142,13 @@ pub struct ModelSection {
     /// absent.
     #[serde(default)]
     pub price: parlance_platform::Price,
+    /// Deployments on upstream providers, in fall-back order (instead of `path`).
+    #[serde(default)]
+    pub deployments: Vec<DeploymentSection>,
+    /// Default `max_ttft_ms` of the model's requests.
+    pub max_ttft_ms: Option<u64>,
+    /// Retries of a failing deployment before falling back [default: 1].
+    pub retries: Option<u32>,
     /// Overrides of the engine defaults.
     #[serde(flatten)]
     pub engine: EngineSection,

@@ -10,7 +10,9 @@ use anyhow::{bail, Context};
 use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
-use parlance_providers::{EchoProvider, LocalProvider};
+use parlance_providers::{
+    Deployment, EchoProvider, LocalProvider, OpenAiUpstream, RoutePolicy, Routed,
+};
 use parlance_server::AppState;
 use parlance_store::{Limiter, Store};
 
@@ -145,8 +147,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             price: Price::default(),
         });
     }
+    let routed: Vec<&config::ModelSection> = file
+        .models
+        .iter()
+        .filter(|m| !m.deployments.is_empty())
+        .collect();
     if specs.is_empty() {
-        for m in &file.models {
+        for m in file.models.iter().filter(|m| m.deployments.is_empty()) {
             let path = match (m.provider.as_deref(), m.path.as_deref()) {
                 (Some("echo"), _) => None,
                 (None | Some("local"), None | Some("default")) => {
@@ -169,7 +176,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
     }
-    if specs.is_empty() {
+    if specs.is_empty() && routed.is_empty() {
         specs.push(ModelSpec {
             name: pull::DEFAULT_MODEL_NAME.into(),
             path: Some(pull::ensure_default_model()?),
@@ -238,6 +245,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
 
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()?;
+    for m in routed {
+        catalog.insert(CatalogEntry {
+            name: m.name.clone(),
+            provider: Arc::new(routed_model(m, &file.providers, &http)?),
+            created: now,
+            price: m.price,
+        });
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -298,6 +318,59 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// A model served by deployments on upstream providers.
+fn routed_model(
+    m: &config::ModelSection,
+    providers: &[config::ProviderSection],
+    http: &reqwest::Client,
+) -> anyhow::Result<Routed> {
+    m.price
+        .validate()
+        .map_err(|e| anyhow::anyhow!("model {}: {e}", m.name))?;
+    let context = m.engine.context_length.unwrap_or(128_000);
+    let mut deployments = Vec::new();
+    for (i, d) in m.deployments.iter().enumerate() {
+        let Some(p) = providers.iter().find(|p| p.name == d.provider) else {
+            bail!("model {}: no provider named {:?}", m.name, d.provider);
+        };
+        let key = match (&p.api_key, &p.api_key_env) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(var)) => Some(std::env::var(var).with_context(|| {
+                format!(
+                    "provider {}: the environment variable {var} is not set",
+                    p.name
+                )
+            })?),
+            (None, None) => None,
+        };
+        let provider: Arc<dyn parlance_providers::ChatProvider> = match p.kind.as_str() {
+            "openai" => Arc::new(OpenAiUpstream::new(
+                http.clone(),
+                &p.base_url,
+                key,
+                &d.model,
+                context,
+            )),
+            other => bail!("provider {}: kind must be `openai`, not {other:?}", p.name),
+        };
+        let weight = d.weight.unwrap_or(u32::from(i == 0));
+        deployments.push(Deployment::new(
+            provider,
+            weight,
+            format!("{}/{}", p.name, d.model),
+        ));
+    }
+    tracing::info!(model = %m.name, deployments = deployments.len(), "upstream model");
+    Ok(Routed::new(
+        deployments,
+        RoutePolicy {
+            retries: m.retries.unwrap_or(1),
+            max_ttft_ms: m.max_ttft_ms,
+            ..RoutePolicy::default()
+        },
+    ))
 }
 
 /// A URL without its password, for logs.

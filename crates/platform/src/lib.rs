@@ -223,7 +223,7 @@ impl Platform {
             }
         }
 
-        let mut stream = match prepared.start() {
+        let mut stream = match prepared.start().await {
             Ok(s) => s,
             Err(e) => {
                 meter::refused(Some(ticket), &e);

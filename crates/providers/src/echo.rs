@@ -78,6 +78,7 @@ impl ChatProvider for EchoProvider {
     }
 }
 
+#[async_trait::async_trait]
 impl PreparedChat for EchoRun {
     fn prompt_tokens(&self) -> u32 {
         self.prompt
@@ -87,7 +88,7 @@ impl PreparedChat for EchoRun {
         self.words.len() as u64 * u64::from(self.n)
     }
 
-    fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
         let mut events = Vec::new();
         for choice in 0..self.n {
             for (i, w) in self.words.iter().enumerate() {
@@ -132,7 +133,7 @@ mod tests {
         let p = EchoProvider.prepare(&req).await.unwrap();
         assert_eq!(p.prompt_tokens(), 2 + 4 + 4 + 4);
         assert_eq!(p.max_completion_tokens(), 6);
-        let events: Vec<ChatEvent> = p.start().unwrap().events.collect().await;
+        let events: Vec<ChatEvent> = p.start().await.unwrap().events.collect().await;
         let text: String = events
             .iter()
             .filter_map(|e| match e {

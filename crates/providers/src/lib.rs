@@ -1,8 +1,11 @@
-//! One trait for anything that can complete a chat (the local engine now; OpenAI-compatible and
-//! Anthropic upstreams later), and the event stream every provider produces.
+//! One trait for anything that can complete a chat (the local engine, OpenAI-compatible
+//! upstreams, the echo provider, and a router over several deployments of one model), and the
+//! event stream every provider produces.
 
 mod echo;
 mod local;
+pub mod openai;
+mod router;
 pub mod tools;
 
 use std::pin::Pin;
@@ -12,6 +15,8 @@ use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 
 pub use echo::EchoProvider;
 pub use local::LocalProvider;
+pub use openai::OpenAiUpstream;
+pub use router::{Deployment, RoutePolicy, Routed};
 
 /// What a provider streams back, in order per choice; `Usage` comes last.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,13 +83,15 @@ pub struct ChatStream {
 
 /// A request a provider has checked and measured but not started: the platform reserves
 /// credit and rate-limit tokens for its worst case before any work is done.
+#[async_trait::async_trait]
 pub trait PreparedChat: Send {
     /// Prompt tokens, as the model counts them.
     fn prompt_tokens(&self) -> u32;
     /// The most completion tokens it may produce, over all choices.
     fn max_completion_tokens(&self) -> u64;
-    /// Starts the work. Errors before any work (503 when full) are returned here.
-    fn start(self: Box<Self>) -> Result<ChatStream, ApiError>;
+    /// Starts the work. Errors before any output (503 when full, an upstream that refused or
+    /// could not be reached) are returned here.
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError>;
 }
 
 impl std::fmt::Debug for ChatStream {
@@ -109,6 +116,6 @@ pub trait ChatProvider: Send + Sync {
     /// Prepares and starts a completion. Errors before any work are returned here (400s, 503
     /// when full); errors after it started arrive as [`ChatEvent::Error`].
     async fn complete(&self, request: &ChatRequest) -> Result<ChatStream, ApiError> {
-        self.prepare(request).await?.start()
+        self.prepare(request).await?.start().await
     }
 }

@@ -326,6 +326,7 @@ struct LocalPrepared {
     tool_choice: ToolChoice,
 }
 
+#[async_trait::async_trait]
 impl PreparedChat for LocalPrepared {
     fn prompt_tokens(&self) -> u32 {
         u32::try_from(self.generation.prompt.len()).unwrap_or(u32::MAX)
@@ -341,7 +342,7 @@ impl PreparedChat for LocalPrepared {
         u64::from(per_choice) * u64::from(self.generation.n)
     }
 
-    fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
         let LocalPrepared {
             engine,
             generation,

@@ -44,6 +44,7 @@ struct ScriptedRun {
     fail: bool,
 }
 
+#[async_trait::async_trait]
 impl PreparedChat for ScriptedRun {
     fn prompt_tokens(&self) -> u32 {
         3
@@ -51,7 +52,7 @@ impl PreparedChat for ScriptedRun {
     fn max_completion_tokens(&self) -> u64 {
         97
     }
-    fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
         let mut events = vec![ChatEvent::Text {
             choice: 0,
             text: "partial".into(),

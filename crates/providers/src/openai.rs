@@ -1,0 +1,604 @@
+//! An OpenAI-compatible upstream (OpenAI, vLLM, llama.cpp's server, OpenRouter...): the shared
+//! request is sent as a streamed Chat Completions call and the upstream's chunks are turned back
+//! into chat events. The upstream key is a secret: it goes in the `Authorization` header and
+//! nowhere else (never in logs or errors).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use parlance_api::chat::{ResponseFormat, ToolChoice};
+use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
+use serde_json::{json, Value};
+
+use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
+
+/// One OpenAI-compatible deployment: a base URL, a key, and the upstream's name for the model.
+#[derive(Clone)]
+pub struct OpenAiUpstream {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    model: String,
+    context_length: u32,
+}
+
+impl std::fmt::Debug for OpenAiUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiUpstream")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+impl OpenAiUpstream {
+    /// A deployment at `base_url` (up to and including `/v1`).
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        api_key: Option<String>,
+        model: &str,
+        context_length: u32,
+    ) -> Self {
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.filter(|k| !k.is_empty()),
+            model: model.to_owned(),
+            context_length,
+        }
+    }
+}
+
+/// A conservative count of prompt tokens before the upstream has counted them: one per three
+/// bytes of text, plus a few per message (real tokenizers average about four bytes a token).
+pub fn estimate_prompt_tokens(request: &ChatRequest) -> u32 {
+    let bytes: usize = request
+        .messages
+        .iter()
+        .map(|m| {
+            m.content.as_deref().map_or(0, str::len)
+                + m.tool_calls.as_ref().map_or(0, |c| c.to_string().len())
+        })
+        .sum();
+    let tools: usize = request
+        .tools
+        .iter()
+        .map(|t| t.parameters.to_string().len() + t.name.len())
+        .sum();
+    u32::try_from((bytes + tools) / 3 + 4 * request.messages.len() + 1).unwrap_or(u32::MAX)
+}
+
+/// The upstream body for a shared request.
+pub fn request_body(request: &ChatRequest, model: &str) -> Value {
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(|m| {
+            let mut v = json!({"role": m.role, "content": m.content});
+            if let Some(o) = v.as_object_mut() {
+                if let Some(n) = &m.name {
+                    o.insert("name".into(), json!(n));
+                }
+                if let Some(c) = &m.tool_calls {
+                    o.insert("tool_calls".into(), c.clone());
+                }
+                if let Some(id) = &m.tool_call_id {
+                    o.insert("tool_call_id".into(), json!(id));
+                }
+            }
+            v
+        })
+        .collect();
+    let mut b = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let Some(o) = b.as_object_mut() else {
+        return b;
+    };
+    let mut set = |k: &str, v: Value| {
+        o.insert(k.to_owned(), v);
+    };
+    if let Some(m) = request.max_tokens {
+        set("max_tokens", json!(m));
+    }
+    set("temperature", json!(request.temperature));
+    set("top_p", json!(request.top_p));
+    if request.n != 1 {
+        set("n", json!(request.n));
+    }
+    if !request.stop.is_empty() {
+        set("stop", json!(request.stop));
+    }
+    if let Some(s) = request.seed {
+        set("seed", json!(s));
+    }
+    if request.presence_penalty != 0.0 {
+        set("presence_penalty", json!(request.presence_penalty));
+    }
+    if request.frequency_penalty != 0.0 {
+        set("frequency_penalty", json!(request.frequency_penalty));
+    }
+    if !request.logit_bias.is_empty() {
+        let m: BTreeMap<String, f32> = request
+            .logit_bias
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        set("logit_bias", json!(m));
+    }
+    if let Some(u) = &request.user {
+        set("user", json!(u));
+    }
+    if let Some(top) = request.logprobs {
+        set("logprobs", json!(true));
+        set("top_logprobs", json!(top));
+    }
+    match &request.response_format {
+        None => {}
+        Some(ResponseFormat::JsonObject) => set("response_format", json!({"type": "json_object"})),
+        Some(ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        }) => set(
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}),
+        ),
+    }
+    if !request.tools.is_empty() {
+        let tools: Vec<Value> = request
+            .tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": t}))
+            .collect();
+        set("tools", json!(tools));
+        set(
+            "tool_choice",
+            match &request.tool_choice {
+                ToolChoice::None => json!("none"),
+                ToolChoice::Auto => json!("auto"),
+                ToolChoice::Required => json!("required"),
+                ToolChoice::Named(n) => json!({"type": "function", "function": {"name": n}}),
+            },
+        );
+        set("parallel_tool_calls", json!(request.parallel_tool_calls));
+    }
+    // Extensions that OpenAI-compatible servers such as vLLM understand, sent only when set.
+    if request.top_k > 0 {
+        set("top_k", json!(request.top_k));
+    }
+    if request.min_p > 0.0 {
+        set("min_p", json!(request.min_p));
+    }
+    if request.repetition_penalty != 1.0 {
+        set("repetition_penalty", json!(request.repetition_penalty));
+    }
+    if request.ignore_eos {
+        set("ignore_eos", json!(true));
+    }
+    b
+}
+
+/// An upstream's error answer as ours: the caller's own mistakes (4xx other than 401, 403, 408,
+/// 429) keep their status; the upstream's failures are 502, its limits 429.
+pub fn upstream_error(status: u16, body: &str) -> ApiError {
+    let message = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("the upstream answered {status}"));
+    ApiError::Upstream {
+        status,
+        message: format!("Upstream error: {message}"),
+        retry_after: None,
+    }
+}
+
+struct Prepared {
+    up: OpenAiUpstream,
+    body: Value,
+    prompt: u32,
+    max_completion: u64,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for OpenAiUpstream {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
+    fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    fn fingerprint(&self) -> String {
+        "fp_upstream".into()
+    }
+
+    fn ready(&self) -> bool {
+        true
+    }
+
+    async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
+        let prompt = estimate_prompt_tokens(request);
+        let room = self.context_length.saturating_sub(prompt).max(1);
+        let per_choice = request.max_tokens.map_or(room, |m| m.min(room).max(m));
+        Ok(Box::new(Prepared {
+            up: self.clone(),
+            body: request_body(request, &self.model),
+            prompt,
+            max_completion: u64::from(per_choice) * u64::from(request.n),
+        }))
+    }
+}
+
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<f64>().ok().map(Duration::from_secs_f64)
+}
+
+#[async_trait::async_trait]
+impl PreparedChat for Prepared {
+    fn prompt_tokens(&self) -> u32 {
+        self.prompt
+    }
+
+    fn max_completion_tokens(&self) -> u64 {
+        self.max_completion
+    }
+
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+        let mut req = self
+            .up
+            .http
+            .post(format!("{}/chat/completions", self.up.base_url))
+            .json(&self.body);
+        if let Some(k) = &self.up.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| {
+            tracing::warn!(upstream = %self.up.base_url, error = %without_url(&e), "upstream unreachable");
+            ApiError::Upstream {
+                status: 502,
+                message: "Upstream error: the upstream could not be reached.".into(),
+                retry_after: None,
+            }
+        })?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let after = retry_after(resp.headers());
+            let text = resp.text().await.unwrap_or_default();
+            let mut e = upstream_error(status, &text);
+            if let ApiError::Upstream { retry_after, .. } = &mut e {
+                *retry_after = after;
+            }
+            return Err(e);
+        }
+        let events = translate(resp.bytes_stream(), self.prompt);
+        Ok(ChatStream {
+            prompt_tokens: None,
+            events: Box::pin(events),
+            tally: None,
+        })
+    }
+}
+
+/// A reqwest error's text without the URL (it may carry credentials).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "<upstream>");
+    }
+    s
+}
+
+fn finish(reason: &str) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
+        _ => FinishReason::Stop,
+    }
+}
+
+/// A call being assembled from its fragments.
+#[derive(Default)]
+struct PendingCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// State of one upstream stream's translation.
+#[derive(Default)]
+struct Translation {
+    buf: String,
+    calls: BTreeMap<(u32, u32), PendingCall>,
+    usage: Option<Usage>,
+    done: bool,
+    failed: bool,
+    estimated_prompt: u32,
+    /// Characters of output, for a usage estimate when the upstream gives none.
+    chars: usize,
+}
+
+impl Translation {
+    fn on_data(&mut self, data: &str, out: &mut Vec<ChatEvent>) {
+        if data == "[DONE]" {
+            self.done = true;
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            self.failed = true;
+            out.push(ChatEvent::Error(ApiError::Upstream {
+                status: 502,
+                message: "Upstream error: the upstream sent malformed data.".into(),
+                retry_after: None,
+            }));
+            return;
+        };
+        if let Some(e) = v.get("error") {
+            self.failed = true;
+            out.push(ChatEvent::Error(upstream_error(
+                502,
+                &json!({ "error": e }).to_string(),
+            )));
+            return;
+        }
+        for c in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let choice = c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+            let delta = c.get("delta");
+            if let Some(text) = delta
+                .and_then(|d| d.get("content"))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                self.chars += text.chars().count();
+                out.push(ChatEvent::Text {
+                    choice,
+                    text: text.to_owned(),
+                    logprobs: Vec::new(),
+                });
+            }
+            for tc in delta
+                .and_then(|d| d.get("tool_calls"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let index = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                let p = self.calls.entry((choice, index)).or_default();
+                if let Some(id) = tc.get("id").and_then(Value::as_str) {
+                    p.id = id.to_owned();
+                }
+                if let Some(f) = tc.get("function") {
+                    if let Some(n) = f.get("name").and_then(Value::as_str) {
+                        p.name.push_str(n);
+                    }
+                    if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                        self.chars += a.len();
+                        p.arguments.push_str(a);
+                    }
+                }
+            }
+            if let Some(reason) = c.get("finish_reason").and_then(Value::as_str) {
+                let keys: Vec<(u32, u32)> = self
+                    .calls
+                    .keys()
+                    .filter(|(ch, _)| *ch == choice)
+                    .copied()
+                    .collect();
+                for k in keys {
+                    if let Some(p) = self.calls.remove(&k) {
+                        out.push(ChatEvent::ToolCall {
+                            choice,
+                            index: k.1,
+                            id: if p.id.is_empty() {
+                                format!("call_{}", uuid::Uuid::new_v4().simple())
+                            } else {
+                                p.id
+                            },
+                            name: p.name,
+                            arguments: p.arguments,
+                        });
+                    }
+                }
+                out.push(ChatEvent::Finish {
+                    choice,
+                    reason: finish(reason),
+                    stop_sequence: None,
+                });
+            }
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
+            let cached = u
+                .pointer("/prompt_tokens_details/cached_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u32;
+            self.usage = Some(Usage::new(
+                n("prompt_tokens"),
+                cached,
+                n("completion_tokens"),
+            ));
+        }
+    }
+
+    /// The end of the upstream's stream: usage (the upstream's, or an estimate), or an error if
+    /// it was cut.
+    fn on_end(&mut self, out: &mut Vec<ChatEvent>) {
+        if self.failed {
+            return;
+        }
+        if !self.done {
+            out.push(ChatEvent::Error(ApiError::Upstream {
+                status: 502,
+                message: "Upstream error: the upstream's stream ended before it was complete."
+                    .into(),
+                retry_after: None,
+            }));
+            return;
+        }
+        let usage = self.usage.unwrap_or_else(|| {
+            // No usage from the upstream: count it ourselves, conservatively.
+            let completion = u32::try_from(self.chars.div_ceil(3)).unwrap_or(u32::MAX);
+            Usage::new(self.estimated_prompt, 0, completion)
+        });
+        out.push(ChatEvent::Usage(usage));
+    }
+}
+
+/// Turns an upstream's SSE bytes into chat events.
+fn translate<S>(bytes: S, estimated_prompt: u32) -> impl Stream<Item = ChatEvent> + Send
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    let state = Translation {
+        estimated_prompt,
+        ..Translation::default()
+    };
+    futures::stream::unfold(
+        (
+            bytes,
+            state,
+            std::collections::VecDeque::<ChatEvent>::new(),
+            false,
+        ),
+        |(mut bytes, mut st, mut queue, mut ended)| async move {
+            loop {
+                if let Some(ev) = queue.pop_front() {
+                    return Some((ev, (bytes, st, queue, ended)));
+                }
+                if ended || st.failed {
+                    return None;
+                }
+                let mut out = Vec::new();
+                match bytes.next().await {
+                    Some(Ok(chunk)) => {
+                        st.buf.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = st.buf.find("\n\n") {
+                            let event: String = st.buf.drain(..end + 2).collect();
+                            for line in event.lines() {
+                                if let Some(data) = line.strip_prefix("data:") {
+                                    st.on_data(data.trim(), &mut out);
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        ended = true;
+                        st.on_end(&mut out);
+                    }
+                }
+                queue.extend(out);
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(datas: &[&str], end: bool) -> Vec<ChatEvent> {
+        let mut t = Translation {
+            estimated_prompt: 7,
+            ..Translation::default()
+        };
+        let mut out = Vec::new();
+        for d in datas {
+            t.on_data(d, &mut out);
+        }
+        if end {
+            t.on_end(&mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn text_tool_call_fragments_finish_and_usage() {
+        let out = run(
+            &[
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":""}}]}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+                "[DONE]",
+            ],
+            true,
+        );
+        assert_eq!(
+            out,
+            vec![
+                ChatEvent::Text {
+                    choice: 0,
+                    text: "Hel".into(),
+                    logprobs: vec![]
+                },
+                ChatEvent::ToolCall {
+                    choice: 0,
+                    index: 0,
+                    id: "call_1".into(),
+                    name: "get".into(),
+                    arguments: "{\"a\":1}".into()
+                },
+                ChatEvent::Finish {
+                    choice: 0,
+                    reason: FinishReason::ToolCalls,
+                    stop_sequence: None
+                },
+                ChatEvent::Usage(Usage::new(12, 4, 5)),
+            ]
+        );
+    }
+
+    #[test]
+    fn cut_malformed_and_missing_usage() {
+        let cut = run(
+            &[r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#],
+            true,
+        );
+        assert!(matches!(
+            cut.last(),
+            Some(ChatEvent::Error(ApiError::Upstream { status: 502, .. }))
+        ));
+        let bad = run(&["{not json"], false);
+        assert!(matches!(bad.as_slice(), [ChatEvent::Error(_)]));
+        let no_usage = run(
+            &[
+                r#"{"choices":[{"index":0,"delta":{"content":"abcdef"},"finish_reason":"stop"}]}"#,
+                "[DONE]",
+            ],
+            true,
+        );
+        assert_eq!(
+            no_usage.last(),
+            Some(&ChatEvent::Usage(Usage::new(7, 0, 2)))
+        );
+    }
+
+    #[test]
+    fn errors_keep_the_callers_status() {
+        let e = upstream_error(400, r#"{"error":{"message":"bad temperature"}}"#);
+        assert_eq!(e.status(parlance_api::StatusConvention::OpenAi), 400);
+        assert!(e.to_string().contains("bad temperature"));
+        let e = upstream_error(500, "oops");
+        assert_eq!(e.status(parlance_api::StatusConvention::OpenAi), 502);
+    }
+}
