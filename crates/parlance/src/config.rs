@@ -50,7 +50,7 @@ pub struct FileConfig {
 pub struct ProviderSection {
     /// The name deployments refer to.
     pub name: String,
-    /// `openai` (any OpenAI-compatible server).
+    /// `openai` (any OpenAI-compatible server) or `anthropic` (the Messages API).
     pub kind: String,
     /// Base URL, up to and including `/v1`.
     pub base_url: String,

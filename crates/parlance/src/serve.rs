@@ -11,7 +11,7 @@ use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
 use parlance_providers::{
-    Deployment, EchoProvider, LocalProvider, OpenAiUpstream, RoutePolicy, Routed,
+    AnthropicUpstream, Deployment, EchoProvider, LocalProvider, OpenAiUpstream, RoutePolicy, Routed,
 };
 use parlance_server::AppState;
 use parlance_store::{Limiter, Store};
@@ -353,7 +353,17 @@ fn routed_model(
                 &d.model,
                 context,
             )),
-            other => bail!("provider {}: kind must be `openai`, not {other:?}", p.name),
+            "anthropic" => Arc::new(AnthropicUpstream::new(
+                http.clone(),
+                &p.base_url,
+                key,
+                &d.model,
+                context,
+            )),
+            other => bail!(
+                "provider {}: kind must be `openai` or `anthropic`, not {other:?}",
+                p.name
+            ),
         };
         let weight = d.weight.unwrap_or(u32::from(i == 0));
         deployments.push(Deployment::new(

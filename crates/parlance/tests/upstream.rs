@@ -142,11 +142,69 @@ async fn completions(
     }
 }
 
+fn anthropic_event(v: Value) -> (Duration, String) {
+    let name = v["type"].as_str().unwrap_or("").to_owned();
+    (Duration::ZERO, format!("event: {name}\ndata: {v}\n\n"))
+}
+
+/// The mock's Anthropic Messages endpoint.
+async fn messages(
+    State(seen): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or("").to_owned();
+    {
+        let mut s = seen.lock().unwrap();
+        *s.hits.entry(model.clone()).or_default() += 1;
+        if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            s.keys.push(format!("Bearer {k}"));
+        }
+    }
+    assert_eq!(headers["anthropic-version"], "2023-06-01");
+    assert_eq!(body["stream"], true);
+    assert!(body["max_tokens"].is_u64(), "Anthropic requires max_tokens");
+    let start = json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+        "content": [], "model": model, "usage": {"input_tokens": 9, "cache_read_input_tokens": 2, "output_tokens": 1}}});
+    match model.as_str() {
+        "claude-ok" => sse(vec![
+            anthropic_event(start),
+            anthropic_event(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+            anthropic_event(json!({"type": "ping"})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " from Claude"}})),
+            anthropic_event(json!({"type": "content_block_stop", "index": 0})),
+            anthropic_event(json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}, "usage": {"output_tokens": 4}})),
+            anthropic_event(json!({"type": "message_stop"})),
+        ]),
+        "claude-tools" => sse(vec![
+            anthropic_event(start),
+            anthropic_event(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {}}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\"Lyon\"}"}})),
+            anthropic_event(json!({"type": "content_block_stop", "index": 0})),
+            anthropic_event(json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 12}})),
+            anthropic_event(json!({"type": "message_stop"})),
+        ]),
+        "claude-overloaded" => (
+            StatusCode::from_u16(529).unwrap(),
+            Json(json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
+        )
+            .into_response(),
+        other => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"type": "error", "error": {"type": "not_found_error", "message": format!("no model {other}")}})),
+        )
+            .into_response(),
+    }
+}
+
 /// Starts the mock upstream; returns its base URL (with `/v1`) and what it saw.
 async fn mock_upstream() -> (String, Shared) {
     let seen: Shared = Arc::default();
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
+        .route("/v1/messages", post(messages))
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -161,7 +219,7 @@ fn gateway(base: &str, routes: &[(&str, &[&str], Option<u64>)]) -> Server {
     let dir = std::env::temp_dir().join(format!("parlance-upstream-{}", common::uuid_like()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = format!(
-        "[[providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{base}\"\napi_key = \"{UPSTREAM_KEY}\"\n"
+        "[[providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{base}\"\napi_key = \"{UPSTREAM_KEY}\"\n\n[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{base}\"\napi_key = \"{UPSTREAM_KEY}\"\n"
     );
     for (name, deployments, ttft) in routes {
         cfg.push_str(&format!(
@@ -170,9 +228,17 @@ fn gateway(base: &str, routes: &[(&str, &[&str], Option<u64>)]) -> Server {
         if let Some(t) = ttft {
             cfg.push_str(&format!("max_ttft_ms = {t}\n"));
         }
+        // Upstream models named `claude-…` live on the Anthropic provider.
         let ds: Vec<String> = deployments
             .iter()
-            .map(|m| format!("{{ provider = \"mock\", model = \"{m}\" }}"))
+            .map(|m| {
+                let p = if m.starts_with("claude") {
+                    "claude"
+                } else {
+                    "mock"
+                };
+                format!("{{ provider = \"{p}\", model = \"{m}\" }}")
+            })
             .collect();
         cfg.push_str(&format!("deployments = [{}]\n", ds.join(", ")));
     }
@@ -442,4 +508,74 @@ async fn upstream_tool_calls_reach_the_caller_in_openais_shape() {
         })
         .collect();
     assert_eq!(args, "{\"city\":\"Paris\"}");
+}
+
+#[tokio::test]
+async fn translation_both_ways_between_the_two_apis() {
+    let (base, seen) = mock_upstream().await;
+    let s = gateway(
+        &base,
+        &[
+            ("claude", &["claude-ok"], None),
+            ("claude-t", &["claude-tools"], None),
+            ("busy-claude", &["claude-overloaded", "ok"], None),
+            ("gpt", &["ok"], None),
+        ],
+    );
+    // OpenAI door, Anthropic upstream: text, stop sequence, usage with cached tokens.
+    let mut body = ask("claude");
+    body["stop"] = json!(["END"]);
+    let (st, v) = post_json(&s, None, &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Bonjour from Claude");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 11);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    common::validate_with_spec(&v.to_string());
+    // Streamed, with tools: the tool_use block arrives as OpenAI tool-call deltas.
+    let mut body = ask("claude-t");
+    body["stream"] = json!(true);
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let (st, _, data) = common::post_stream(&s, &body).await;
+    assert_eq!(st, 200);
+    let args: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(args, "{\"city\": \"Lyon\"}");
+    assert!(data
+        .iter()
+        .any(|d| d.contains("\"finish_reason\":\"tool_calls\"")));
+    // Anthropic's 529 overloaded: fall back to the next deployment.
+    let (st, v) = post_json(&s, None, &ask("busy-claude")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(hits(&seen, "claude-overloaded"), 2);
+
+    // Anthropic door, OpenAI upstream.
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .json(&json!({"model": "gpt", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m: Value = r.json().await.unwrap();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["content"][0]["text"], "Hello from upstream");
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"]["output_tokens"], 3);
+    // And both keys went to the upstream only.
+    assert!(seen
+        .lock()
+        .unwrap()
+        .keys
+        .iter()
+        .all(|k| k.ends_with(UPSTREAM_KEY)));
 }

@@ -2,10 +2,12 @@
 //! upstreams, the echo provider, and a router over several deployments of one model), and the
 //! event stream every provider produces.
 
+mod anthropic;
 mod echo;
 mod local;
 pub mod openai;
 mod router;
+mod sse;
 pub mod tools;
 
 use std::pin::Pin;
@@ -13,6 +15,7 @@ use std::pin::Pin;
 use futures::Stream;
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 
+pub use anthropic::AnthropicUpstream;
 pub use echo::EchoProvider;
 pub use local::LocalProvider;
 pub use openai::OpenAiUpstream;

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use parlance_api::chat::{ResponseFormat, ToolChoice};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use serde_json::{json, Value};
@@ -240,7 +239,7 @@ impl ChatProvider for OpenAiUpstream {
     }
 }
 
-fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse::<f64>().ok().map(Duration::from_secs_f64)
 }
@@ -282,7 +281,13 @@ impl PreparedChat for Prepared {
             }
             return Err(e);
         }
-        let events = translate(resp.bytes_stream(), self.prompt);
+        let events = crate::sse::events(
+            resp.bytes_stream(),
+            Translation {
+                estimated_prompt: self.prompt,
+                ..Translation::default()
+            },
+        );
         Ok(ChatStream {
             prompt_tokens: None,
             events: Box::pin(events),
@@ -292,7 +297,7 @@ impl PreparedChat for Prepared {
 }
 
 /// A reqwest error's text without the URL (it may carry credentials).
-fn without_url(e: &reqwest::Error) -> String {
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(u) = e.url() {
         s = s.replace(u.as_str(), "<upstream>");
@@ -320,7 +325,6 @@ struct PendingCall {
 /// State of one upstream stream's translation.
 #[derive(Default)]
 struct Translation {
-    buf: String,
     calls: BTreeMap<(u32, u32), PendingCall>,
     usage: Option<Usage>,
     done: bool,
@@ -330,8 +334,12 @@ struct Translation {
     chars: usize,
 }
 
-impl Translation {
-    fn on_data(&mut self, data: &str, out: &mut Vec<ChatEvent>) {
+impl crate::sse::Translator for Translation {
+    fn failed(&self) -> bool {
+        self.failed
+    }
+
+    fn on_event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<ChatEvent>) {
         if data == "[DONE]" {
             self.done = true;
             return;
@@ -461,57 +469,11 @@ impl Translation {
     }
 }
 
-/// Turns an upstream's SSE bytes into chat events.
-fn translate<S>(bytes: S, estimated_prompt: u32) -> impl Stream<Item = ChatEvent> + Send
-where
-    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin + 'static,
-{
-    let state = Translation {
-        estimated_prompt,
-        ..Translation::default()
-    };
-    futures::stream::unfold(
-        (
-            bytes,
-            state,
-            std::collections::VecDeque::<ChatEvent>::new(),
-            false,
-        ),
-        |(mut bytes, mut st, mut queue, mut ended)| async move {
-            loop {
-                if let Some(ev) = queue.pop_front() {
-                    return Some((ev, (bytes, st, queue, ended)));
-                }
-                if ended || st.failed {
-                    return None;
-                }
-                let mut out = Vec::new();
-                match bytes.next().await {
-                    Some(Ok(chunk)) => {
-                        st.buf.push_str(&String::from_utf8_lossy(&chunk));
-                        while let Some(end) = st.buf.find("\n\n") {
-                            let event: String = st.buf.drain(..end + 2).collect();
-                            for line in event.lines() {
-                                if let Some(data) = line.strip_prefix("data:") {
-                                    st.on_data(data.trim(), &mut out);
-                                }
-                            }
-                        }
-                    }
-                    Some(Err(_)) | None => {
-                        ended = true;
-                        st.on_end(&mut out);
-                    }
-                }
-                queue.extend(out);
-            }
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::sse::Translator;
 
     fn run(datas: &[&str], end: bool) -> Vec<ChatEvent> {
         let mut t = Translation {
@@ -520,7 +482,7 @@ mod tests {
         };
         let mut out = Vec::new();
         for d in datas {
-            t.on_data(d, &mut out);
+            t.on_event(None, d, &mut out);
         }
         if end {
             t.on_end(&mut out);
