@@ -498,7 +498,7 @@ async fn upstream_tool_calls_reach_the_caller_in_openais_shape() {
     common::validate_with_spec(&v.to_string());
     body["stream"] = json!(true);
     let (_, _, data) = common::post_stream(&s, &body).await;
-    let args: String = data
+    let fragments: Vec<String> = data
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .filter_map(|v| {
@@ -507,7 +507,9 @@ async fn upstream_tool_calls_reach_the_caller_in_openais_shape() {
                 .map(str::to_owned)
         })
         .collect();
-    assert_eq!(args, "{\"city\":\"Paris\"}");
+    // Passed on fragment by fragment, as the upstream sent them: the naming fragment (empty
+    // arguments), then the two argument fragments.
+    assert_eq!(fragments, vec!["", "{\"city\":", "\"Paris\"}"]);
 }
 
 #[tokio::test]

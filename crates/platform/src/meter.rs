@@ -330,7 +330,7 @@ impl Stream for Metered {
             Poll::Ready(Some(ev)) => {
                 let now = Instant::now();
                 match ev {
-                    ChatEvent::Text { .. } | ChatEvent::ToolCall { .. } => {
+                    ChatEvent::Text { .. } | ChatEvent::ToolCallStart { .. } => {
                         self.ticket.update(|c| {
                             c.first_output.get_or_insert(now);
                         });
@@ -349,7 +349,7 @@ impl Stream for Metered {
                             c.status = status;
                         });
                     }
-                    ChatEvent::Finish { .. } => {}
+                    ChatEvent::Finish { .. } | ChatEvent::ToolCallArgs { .. } => {}
                 }
             }
             Poll::Ready(None) => {

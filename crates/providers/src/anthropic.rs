@@ -273,11 +273,10 @@ impl PreparedChat for Prepared {
     }
 }
 
-/// A `tool_use` block being assembled.
+/// A `tool_use` block being passed on: its call index, and whether arguments were sent.
 struct PendingCall {
-    id: String,
-    name: String,
-    json: String,
+    index: u32,
+    any_args: bool,
 }
 
 #[derive(Default)]
@@ -328,12 +327,19 @@ impl crate::sse::Translator for Translation {
                 let block = &v["content_block"];
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
+                        let call = self.next_call;
+                        self.next_call += 1;
+                        out.push(ChatEvent::ToolCallStart {
+                            choice: 0,
+                            index: call,
+                            id: block["id"].as_str().unwrap_or("").to_owned(),
+                            name: block["name"].as_str().unwrap_or("").to_owned(),
+                        });
                         self.calls.insert(
                             index,
                             PendingCall {
-                                id: block["id"].as_str().unwrap_or("").to_owned(),
-                                name: block["name"].as_str().unwrap_or("").to_owned(),
-                                json: String::new(),
+                                index: call,
+                                any_args: false,
                             },
                         );
                     }
@@ -363,10 +369,16 @@ impl crate::sse::Translator for Translation {
                         }
                     }
                     Some("input_json_delta") => {
-                        if let (Some(c), Some(p)) =
-                            (self.calls.get_mut(&index), d["partial_json"].as_str())
-                        {
-                            c.json.push_str(p);
+                        if let (Some(c), Some(p)) = (
+                            self.calls.get_mut(&index),
+                            d["partial_json"].as_str().filter(|p| !p.is_empty()),
+                        ) {
+                            c.any_args = true;
+                            out.push(ChatEvent::ToolCallArgs {
+                                choice: 0,
+                                index: c.index,
+                                arguments: p.to_owned(),
+                            });
                         }
                     }
                     _ => {}
@@ -375,19 +387,13 @@ impl crate::sse::Translator for Translation {
             "content_block_stop" => {
                 let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(c) = self.calls.remove(&index) {
-                    let arguments = if c.json.trim().is_empty() {
-                        "{}".to_owned()
-                    } else {
-                        c.json
-                    };
-                    out.push(ChatEvent::ToolCall {
-                        choice: 0,
-                        index: self.next_call,
-                        id: c.id,
-                        name: c.name,
-                        arguments,
-                    });
-                    self.next_call += 1;
+                    if !c.any_args {
+                        out.push(ChatEvent::ToolCallArgs {
+                            choice: 0,
+                            index: c.index,
+                            arguments: "{}".into(),
+                        });
+                    }
                 }
             }
             "message_delta" => {
@@ -529,12 +535,21 @@ mod tests {
                     text: "Let me".into(),
                     logprobs: vec![]
                 },
-                ChatEvent::ToolCall {
+                ChatEvent::ToolCallStart {
                     choice: 0,
                     index: 0,
                     id: "toolu_1".into(),
                     name: "get".into(),
-                    arguments: "{\"city\": \"Paris\"}".into()
+                },
+                ChatEvent::ToolCallArgs {
+                    choice: 0,
+                    index: 0,
+                    arguments: "{\"city\": ".into()
+                },
+                ChatEvent::ToolCallArgs {
+                    choice: 0,
+                    index: 0,
+                    arguments: "\"Paris\"}".into()
                 },
                 ChatEvent::Finish {
                     choice: 0,

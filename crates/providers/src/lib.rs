@@ -42,8 +42,9 @@ pub enum ChatEvent {
         /// The stop string that ended it, if one did.
         stop_sequence: Option<String>,
     },
-    /// A complete tool call of one choice (before that choice's `Finish`).
-    ToolCall {
+    /// A tool call of one choice begins (before that choice's `Finish`): its id and function.
+    /// Its arguments follow in `ToolCallArgs` fragments.
+    ToolCallStart {
         /// Choice index.
         choice: u32,
         /// Which call of the choice.
@@ -52,7 +53,14 @@ pub enum ChatEvent {
         id: String,
         /// The function.
         name: String,
-        /// Its arguments, as a JSON string.
+    },
+    /// A fragment of a call's arguments; the fragments of a call join to its JSON.
+    ToolCallArgs {
+        /// Choice index.
+        choice: u32,
+        /// Which call of the choice.
+        index: u32,
+        /// The fragment.
         arguments: String,
     },
     /// Final token counts, after every choice finished.

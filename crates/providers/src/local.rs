@@ -253,13 +253,22 @@ impl Progress {
                     }
                 } else {
                     for (index, call) in calls.into_iter().enumerate() {
-                        self.pending.push_back(ChatEvent::ToolCall {
+                        let index = index as u32;
+                        self.pending.push_back(ChatEvent::ToolCallStart {
                             choice,
-                            index: index as u32,
+                            index,
                             id: format!("call_{}", uuid::Uuid::new_v4().simple()),
                             name: call.name,
-                            arguments: call.arguments,
                         });
+                        // The call is complete here; it streams in fragments all the same.
+                        let chars: Vec<char> = call.arguments.chars().collect();
+                        for piece in chars.chunks(16) {
+                            self.pending.push_back(ChatEvent::ToolCallArgs {
+                                choice,
+                                index,
+                                arguments: piece.iter().collect(),
+                            });
+                        }
                     }
                     if reason == FinishReason::Stop {
                         reason = match self.mode {

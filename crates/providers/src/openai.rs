@@ -314,12 +314,43 @@ fn finish(reason: &str) -> FinishReason {
     }
 }
 
-/// A call being assembled from its fragments.
+/// A call whose fragments are being passed on.
 #[derive(Default)]
 struct PendingCall {
     id: String,
     name: String,
-    arguments: String,
+    /// Whether its start was sent (once its name is known).
+    started: bool,
+    /// Argument fragments that arrived before the name.
+    held: String,
+    /// Whether any argument fragment was sent.
+    any_args: bool,
+}
+
+impl PendingCall {
+    /// Sends the start (once), then any held fragment.
+    fn flush(&mut self, choice: u32, index: u32, out: &mut Vec<ChatEvent>) {
+        if !self.started {
+            self.started = true;
+            if self.id.is_empty() {
+                self.id = format!("call_{}", uuid::Uuid::new_v4().simple());
+            }
+            out.push(ChatEvent::ToolCallStart {
+                choice,
+                index,
+                id: self.id.clone(),
+                name: self.name.clone(),
+            });
+        }
+        if !self.held.is_empty() {
+            self.any_args = true;
+            out.push(ChatEvent::ToolCallArgs {
+                choice,
+                index,
+                arguments: std::mem::take(&mut self.held),
+            });
+        }
+    }
 }
 
 /// State of one upstream stream's translation.
@@ -398,8 +429,12 @@ impl crate::sse::Translator for Translation {
                     }
                     if let Some(a) = f.get("arguments").and_then(Value::as_str) {
                         self.chars += a.len();
-                        p.arguments.push_str(a);
+                        p.held.push_str(a);
                     }
+                }
+                // Passed on fragment by fragment as soon as the call is named.
+                if !p.name.is_empty() {
+                    p.flush(choice, index, out);
                 }
             }
             if let Some(reason) = c.get("finish_reason").and_then(Value::as_str) {
@@ -410,18 +445,15 @@ impl crate::sse::Translator for Translation {
                     .copied()
                     .collect();
                 for k in keys {
-                    if let Some(p) = self.calls.remove(&k) {
-                        out.push(ChatEvent::ToolCall {
-                            choice,
-                            index: k.1,
-                            id: if p.id.is_empty() {
-                                format!("call_{}", uuid::Uuid::new_v4().simple())
-                            } else {
-                                p.id
-                            },
-                            name: p.name,
-                            arguments: p.arguments,
-                        });
+                    if let Some(mut p) = self.calls.remove(&k) {
+                        p.flush(choice, k.1, out);
+                        if !p.any_args {
+                            out.push(ChatEvent::ToolCallArgs {
+                                choice,
+                                index: k.1,
+                                arguments: "{}".into(),
+                            });
+                        }
                     }
                 }
                 out.push(ChatEvent::Finish {
@@ -513,12 +545,21 @@ mod tests {
                     text: "Hel".into(),
                     logprobs: vec![]
                 },
-                ChatEvent::ToolCall {
+                ChatEvent::ToolCallStart {
                     choice: 0,
                     index: 0,
                     id: "call_1".into(),
                     name: "get".into(),
-                    arguments: "{\"a\":1}".into()
+                },
+                ChatEvent::ToolCallArgs {
+                    choice: 0,
+                    index: 0,
+                    arguments: "{\"a\":".into()
+                },
+                ChatEvent::ToolCallArgs {
+                    choice: 0,
+                    index: 0,
+                    arguments: "1}".into()
                 },
                 ChatEvent::Finish {
                     choice: 0,

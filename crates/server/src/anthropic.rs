@@ -46,19 +46,22 @@ pub(crate) async fn messages(
         return Ok(resp);
     }
     let mut text = String::new();
-    let mut calls = Vec::new();
+    // (id, name, arguments) of each call, in order.
+    let mut pending: Vec<(String, String, String)> = Vec::new();
     let mut stop = (StopReason::EndTurn, None);
     let mut usage = Usage::default();
     let mut events = started.stream.events;
     while let Some(ev) = events.next().await {
         match ev {
             ChatEvent::Text { text: t, .. } => text.push_str(&t),
-            ChatEvent::ToolCall {
-                id,
-                name,
-                arguments,
-                ..
-            } => calls.push(tool_use_block(&id, &name, &arguments)),
+            ChatEvent::ToolCallStart { id, name, .. } => pending.push((id, name, String::new())),
+            ChatEvent::ToolCallArgs {
+                index, arguments, ..
+            } => {
+                if let Some(c) = pending.get_mut(index as usize) {
+                    c.2.push_str(&arguments);
+                }
+            }
             ChatEvent::Finish {
                 reason,
                 stop_sequence,
@@ -68,6 +71,10 @@ pub(crate) async fn messages(
             ChatEvent::Error(e) => return Err(e.into()),
         }
     }
+    let calls: Vec<serde_json::Value> = pending
+        .iter()
+        .map(|(id, name, args)| tool_use_block(id, name, args))
+        .collect();
     if !calls.is_empty() && stop.0 == StopReason::EndTurn {
         // Anthropic reports every answer that calls tools as `tool_use`, a forced one included.
         stop.0 = StopReason::ToolUse;
@@ -169,11 +176,17 @@ fn stream(
     let mut index = 0u32;
     let mut any_block = text_first;
     let mut saw_tool = false;
+    let mut tool_open = false;
     let body = started.events.flat_map(move |ev| {
         let mut out = Vec::new();
         match ev {
             ChatEvent::Text { text, .. } if text.is_empty() => {}
             ChatEvent::Text { text, .. } => {
+                if tool_open {
+                    out.push(block_stop(index));
+                    index += 1;
+                    tool_open = false;
+                }
                 if !text_open {
                     out.push(text_start(index));
                     text_open = true;
@@ -185,13 +198,8 @@ fn stream(
                            "delta": {"type": "text_delta", "text": text}}),
                 ));
             }
-            ChatEvent::ToolCall {
-                id,
-                name,
-                arguments,
-                ..
-            } => {
-                if text_open {
+            ChatEvent::ToolCallStart { id, name, .. } => {
+                if text_open || tool_open {
                     out.push(block_stop(index));
                     index += 1;
                     text_open = false;
@@ -202,19 +210,16 @@ fn stream(
                            "content_block": {"type": "tool_use", "id": tool_use_id(&id),
                                              "name": name, "input": {}}}),
                 ));
-                let chars: Vec<char> = arguments.chars().collect();
-                for piece in chars.chunks(16) {
-                    let partial: String = piece.iter().collect();
-                    out.push(event(
-                        "content_block_delta",
-                        json!({"type": "content_block_delta", "index": index,
-                               "delta": {"type": "input_json_delta", "partial_json": partial}}),
-                    ));
-                }
-                out.push(block_stop(index));
-                index += 1;
+                tool_open = true;
                 any_block = true;
                 saw_tool = true;
+            }
+            ChatEvent::ToolCallArgs { arguments, .. } => {
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+                ));
             }
             ChatEvent::Finish {
                 reason,
@@ -231,7 +236,7 @@ fn stream(
                     out.push(text_start(index));
                     text_open = true;
                 }
-                if text_open {
+                if text_open || tool_open {
                     out.push(block_stop(index));
                 }
                 out.push(event(

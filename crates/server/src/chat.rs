@@ -102,19 +102,30 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
                     *r = Some(reason);
                 }
             }
-            ChatEvent::ToolCall {
-                choice,
-                id,
-                name,
-                arguments,
-                ..
+            ChatEvent::ToolCallStart {
+                choice, id, name, ..
             } => {
                 if let Some(c) = calls.get_mut(choice as usize) {
                     c.push(ToolCall {
                         id,
                         kind: "function",
-                        function: FunctionCall { name, arguments },
+                        function: FunctionCall {
+                            name,
+                            arguments: String::new(),
+                        },
                     });
+                }
+            }
+            ChatEvent::ToolCallArgs {
+                choice,
+                index,
+                arguments,
+            } => {
+                if let Some(call) = calls
+                    .get_mut(choice as usize)
+                    .and_then(|c| c.get_mut(index as usize))
+                {
+                    call.function.arguments.push_str(&arguments);
                 }
             }
             ChatEvent::Usage(u) => usage = u,
@@ -180,13 +191,14 @@ fn delta(index: u32, delta: Delta, finish_reason: Option<FinishReason>) -> Chunk
     }
 }
 
-/// `s` in pieces of at most `size` characters.
-fn fragments(s: &str, size: usize) -> Vec<String> {
-    let chars: Vec<char> = s.chars().collect();
-    chars
-        .chunks(size.max(1))
-        .map(|c| c.iter().collect())
-        .collect()
+/// A chunk carrying one tool-call fragment.
+fn tool_chunk(meta: &Meta, choice: u32, tc: ToolCallDelta, usage: UsageField) -> Event {
+    let d = Delta {
+        role: None,
+        content: None,
+        tool_calls: Some(vec![tc]),
+    };
+    chunk(meta, vec![delta(choice, d, None)], usage)
 }
 
 fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoResponse {
@@ -239,14 +251,13 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
             }
             // The first fragment of a call names it with empty arguments; the arguments follow
             // in fragments that join to the same JSON as the plain response.
-            ChatEvent::ToolCall {
+            ChatEvent::ToolCallStart {
                 choice,
                 index,
                 id,
                 name,
-                arguments,
             } => {
-                let first = ToolCallDelta {
+                let tc = ToolCallDelta {
                     index,
                     id: Some(id),
                     kind: Some("function"),
@@ -255,30 +266,23 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                         arguments: String::new(),
                     },
                 };
-                let mut out = vec![first];
-                out.extend(
-                    fragments(&arguments, 16)
-                        .into_iter()
-                        .map(|a| ToolCallDelta {
-                            index,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: a,
-                            },
-                        }),
-                );
-                out.into_iter()
-                    .map(|tc| {
-                        let d = Delta {
-                            role: None,
-                            content: None,
-                            tool_calls: Some(vec![tc]),
-                        };
-                        chunk(&m, vec![delta(choice, d, None)], none)
-                    })
-                    .collect()
+                vec![tool_chunk(&m, choice, tc, none)]
+            }
+            ChatEvent::ToolCallArgs {
+                choice,
+                index,
+                arguments,
+            } => {
+                let tc = ToolCallDelta {
+                    index,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments,
+                    },
+                };
+                vec![tool_chunk(&m, choice, tc, none)]
             }
             ChatEvent::Usage(u) => {
                 let mut v = Vec::new();
