@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use axum::serve::ListenerExt;
 use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
@@ -297,6 +298,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("listening on http://{local}");
         let app = parlance_server::router(state.clone());
         let shutdown_state = state.clone();
+        // Streams are many small writes: send each at once rather than wait for the last
+        // one's acknowledgement (Nagle's algorithm against delayed ACKs costs 40 ms a write).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
