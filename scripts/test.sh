@@ -16,7 +16,7 @@ trap 'scripts/services.sh stop' EXIT
 echo "== format" >&2
 cargo fmt --all --check
 echo "== build" >&2
-cargo build -p parlance -j "$jobs"
+cargo build -p parlance --bin parlance --example mock_upstream -j "$jobs"
 echo "== default model" >&2
 export PARLANCE_BIN="${PARLANCE_BIN:-${CARGO_TARGET_DIR:-target}/debug/parlance}"
 "$PARLANCE_BIN" pull

@@ -59,3 +59,80 @@ def server():
 def client(server):
     from openai import OpenAI
     return OpenAI(base_url=server + "/v1", api_key="sk-sdk-test", max_retries=0)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_parlance(args, env):
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    base = None
+    for line in proc.stderr:
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            base = m.group(1)
+            break
+    assert base, "server did not start"
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    return proc, base
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    """parlance in front of the mock upstream (the tests' Rust mock, built as an example):
+    `gpt` is served by the OpenAI-compatible mock, `claude` and `claude-tools` by its Anthropic
+    Messages endpoint."""
+    mock_bin = os.environ.get("PARLANCE_MOCK_UPSTREAM",
+                              str(ROOT / "target" / "debug" / "examples" / "mock_upstream"))
+    assert os.path.exists(mock_bin), f"{mock_bin} is missing: cargo build -p parlance --example mock_upstream"
+    port = _free_port()
+    mock = subprocess.Popen([mock_bin, f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)
+    assert "mock upstream at" in mock.stdout.readline()
+    work = tempfile.mkdtemp(prefix="parlance-gw-")
+    cfg = os.path.join(work, "parlance.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""
+[[providers]]
+name = "mock"
+kind = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key = "sk-up"
+
+[[providers]]
+name = "claude"
+kind = "anthropic"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key = "sk-up"
+
+[[models]]
+name = "gpt"
+deployments = [{{ provider = "mock", model = "fail500" }}, {{ provider = "mock", model = "ok" }}]
+
+[[models]]
+name = "gpt-tools"
+deployments = [{{ provider = "mock", model = "tools" }}]
+
+[[models]]
+name = "claude"
+deployments = [{{ provider = "claude", model = "claude-ok" }}]
+
+[[models]]
+name = "claude-tools"
+deployments = [{{ provider = "claude", model = "claude-tools" }}]
+""")
+    env = dict(os.environ, RUST_LOG="info", PARLANCE_DATA_DIR=work)
+    for var in ("PARLANCE_API_KEYS", "PARLANCE_DATABASE_URL", "PARLANCE_REDIS_URL"):
+        env.pop(var, None)
+    proc, base = _start_parlance([_binary(), "serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof",
+                                  "--config", cfg], env)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+    mock.terminate()
+    mock.wait(timeout=10)
