@@ -156,6 +156,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         tool_choice,
         parallel_tool_calls,
         max_ttft_ms: None,
+        extra: serde_json::Map::new(),
     })
 }
 

@@ -65,7 +65,50 @@ pub struct ChatRequest {
     /// parlance extension: abandon an upstream attempt whose first token has not arrived after
     /// this many milliseconds and try the next deployment.
     pub max_ttft_ms: Option<u64>,
+    /// Top-level fields this server does not know, kept as sent: an upstream configured to
+    /// accept them gets them untouched; everything else ignores them.
+    pub extra: serde_json::Map<String, Value>,
 }
+
+/// The top-level fields of a chat request this server reads.
+const KNOWN_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "metadata",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "max_ttft_ms",
+    "reasoning_effort",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "store",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "service_tier",
+];
 
 /// A function tool.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -209,11 +252,26 @@ struct RawStreamOptions {
 
 /// Parses and validates a request body.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    validate(parse_body(body)?)
+    let value = parse_object(body)?;
+    let extra: serde_json::Map<String, Value> = value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut request = validate(deserialize(&value)?)?;
+    request.extra = extra;
+    Ok(request)
 }
 
 /// Decodes a JSON object body into `T`; wrong JSON or wrong types are 400s naming the path.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    deserialize(&parse_object(body)?)
+}
+
+/// A body that must be a JSON object.
+fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::malformed(
             format!("We could not parse the JSON body of your request: {e}. The body must be a JSON object."),
@@ -226,7 +284,12 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             None,
         ));
     }
-    serde_path_to_error::deserialize(&value).map_err(|e| {
+    Ok(value)
+}
+
+/// `T` from a JSON value; wrong types are 400s naming the path.
+fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::malformed(
             format!("Invalid type for '{path}': {}", e.inner()),
@@ -501,6 +564,7 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         tool_choice,
         parallel_tool_calls,
         max_ttft_ms,
+        extra: serde_json::Map::new(),
     })
 }
 

@@ -58,6 +58,9 @@ pub struct ProviderSection {
     pub api_key: Option<String>,
     /// The environment variable holding the key.
     pub api_key_env: Option<String>,
+    /// Request fields unknown to parlance sent to this provider untouched (`["*"]`: all).
+    #[serde(default)]
+    pub pass_through: Vec<String>,
 }
 
 /// One deployment of a model on a provider.

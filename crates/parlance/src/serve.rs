@@ -354,13 +354,10 @@ fn routed_model(
             (None, None) => None,
         };
         let provider: Arc<dyn parlance_providers::ChatProvider> = match p.kind.as_str() {
-            "openai" => Arc::new(OpenAiUpstream::new(
-                http.clone(),
-                &p.base_url,
-                key,
-                &d.model,
-                context,
-            )),
+            "openai" => Arc::new(
+                OpenAiUpstream::new(http.clone(), &p.base_url, key, &d.model, context)
+                    .with_pass_through(p.pass_through.clone()),
+            ),
             "anthropic" => Arc::new(AnthropicUpstream::new(
                 http.clone(),
                 &p.base_url,

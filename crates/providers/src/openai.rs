@@ -20,6 +20,7 @@ pub struct OpenAiUpstream {
     api_key: Option<String>,
     model: String,
     context_length: u32,
+    pass_through: Vec<String>,
 }
 
 impl std::fmt::Debug for OpenAiUpstream {
@@ -46,7 +47,16 @@ impl OpenAiUpstream {
             api_key: api_key.filter(|k| !k.is_empty()),
             model: model.to_owned(),
             context_length,
+            pass_through: Vec::new(),
         }
+    }
+
+    /// Request fields this server does not know that go to this upstream untouched: the names
+    /// listed, or every one with `*` (for upstreams with extensions of their own, such as
+    /// OpenRouter's `provider` or `transforms`).
+    pub fn with_pass_through(mut self, fields: Vec<String>) -> Self {
+        self.pass_through = fields;
+        self
     }
 }
 
@@ -183,6 +193,19 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Value {
     b
 }
 
+/// Adds the request's unknown fields that `allowed` names (`*`: all), never replacing a field
+/// this server set.
+pub fn pass_through(body: &mut Value, request: &ChatRequest, allowed: &[String]) {
+    let all = allowed.iter().any(|a| a == "*");
+    if let Some(o) = body.as_object_mut() {
+        for (k, v) in &request.extra {
+            if (all || allowed.contains(k)) && !o.contains_key(k) {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 /// An upstream's error answer as ours: the caller's own mistakes (4xx other than 401, 403, 408,
 /// 429) keep their status; the upstream's failures are 502, its limits 429.
 pub fn upstream_error(status: u16, body: &str) -> ApiError {
@@ -230,9 +253,11 @@ impl ChatProvider for OpenAiUpstream {
         let prompt = estimate_prompt_tokens(request);
         let room = self.context_length.saturating_sub(prompt).max(1);
         let per_choice = request.max_tokens.map_or(room, |m| m.min(room).max(m));
+        let mut body = request_body(request, &self.model);
+        pass_through(&mut body, request, &self.pass_through);
         Ok(Box::new(Prepared {
             up: self.clone(),
-            body: request_body(request, &self.model),
+            body,
             prompt,
             max_completion: u64::from(per_choice) * u64::from(request.n),
         }))
@@ -594,6 +619,25 @@ mod tests {
             no_usage.last(),
             Some(&ChatEvent::Usage(Usage::new(7, 0, 2)))
         );
+    }
+
+    #[test]
+    fn unknown_fields_pass_only_where_allowed() {
+        let r = parlance_api::parse_chat_request(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"provider":{"order":["a"]},"transforms":[],"stream":false}"#,
+        )
+        .unwrap();
+        assert_eq!(r.extra.len(), 2);
+        let mut b = request_body(&r, "up");
+        pass_through(&mut b, &r, &[]);
+        assert!(b.get("provider").is_none());
+        pass_through(&mut b, &r, &["provider".into()]);
+        assert_eq!(b["provider"]["order"][0], "a");
+        assert!(b.get("transforms").is_none());
+        pass_through(&mut b, &r, &["*".into()]);
+        assert!(b.get("transforms").is_some());
+        // Never replaces what the server set.
+        assert_eq!(b["stream"], true);
     }
 
     #[test]
