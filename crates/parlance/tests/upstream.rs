@@ -392,3 +392,55 @@ async fn translation_both_ways_between_the_two_apis() {
         .iter()
         .all(|k| k.ends_with(UPSTREAM_KEY)));
 }
+
+#[tokio::test]
+async fn a_failing_deployment_is_skipped_once_its_breaker_opens() {
+    let (base, seen) = mock_upstream().await;
+    let s = gateway(&base, &[("a", &["fail500", "ok"], None)]);
+    // Each request fails twice there (one retry) before falling back: after three requests
+    // (six failures in a row) the breaker is open.
+    for _ in 0..3 {
+        let (st, _) = post_json(&s, None, &ask("a")).await;
+        assert_eq!(st, 200);
+    }
+    let failed_before = hits(&seen, "fail500");
+    assert_eq!(failed_before, 6);
+    for _ in 0..5 {
+        let (st, _) = post_json(&s, None, &ask("a")).await;
+        assert_eq!(st, 200);
+    }
+    assert_eq!(
+        hits(&seen, "fail500"),
+        failed_before,
+        "an open breaker still sent traffic"
+    );
+    assert_eq!(hits(&seen, "ok"), 8);
+}
+
+#[tokio::test]
+async fn weighted_choice_splits_traffic() {
+    let (base, seen) = mock_upstream().await;
+    let dir = std::env::temp_dir().join(format!("parlance-weights-{}", common::uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = format!(
+        "[[providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{base}\"\n\n[[models]]\nname = \"w\"\ndeployments = [{{ provider = \"mock\", model = \"ok\", weight = 3 }}, {{ provider = \"mock\", model = \"ok-nousage\", weight = 1 }}]\n"
+    );
+    let path = dir.join("parlance.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let s = Server::start_raw(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--config",
+        path.to_str().unwrap(),
+        "--exit-on-stdin-eof",
+    ]);
+    for _ in 0..400 {
+        let (st, _) = post_json(&s, None, &ask("w")).await;
+        assert_eq!(st, 200);
+    }
+    let (a, b) = (hits(&seen, "ok"), hits(&seen, "ok-nousage"));
+    assert_eq!(a + b, 400);
+    // 3:1 expected (300 / 100); binomial standard deviation about 8.7.
+    assert!((250..=350).contains(&a), "ok got {a}, ok-nousage {b}");
+}
