@@ -36,20 +36,7 @@ def server():
     args = [_binary(), "serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof",
             "--model", f"{MODEL}={_model_path()}", "--api-key", "sk-sdk-test",
             "--admin-token", ADMIN_TOKEN]
-    # A database of its own, in a scratch directory.
-    env = dict(os.environ, RUST_LOG="info", PARLANCE_DATA_DIR=tempfile.mkdtemp(prefix="parlance-sdk-"))
-    for var in ("PARLANCE_API_KEYS", "PARLANCE_DATABASE_URL", "PARLANCE_REDIS_URL"):
-        env.pop(var, None)
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    base = None
-    for line in proc.stderr:
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            base = m.group(1)
-            break
-    assert base, "server did not start"
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    proc, base = _start_parlance(args, _env(tempfile.mkdtemp(prefix="parlance-sdk-")))
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -59,6 +46,15 @@ def server():
 def client(server):
     from openai import OpenAI
     return OpenAI(base_url=server + "/v1", api_key="sk-sdk-test", max_retries=0)
+
+
+def _env(data_dir: str) -> dict:
+    """The server's environment: a database of its own in `data_dir`, no keys or services
+    inherited from the caller's."""
+    env = dict(os.environ, RUST_LOG="info", PARLANCE_DATA_DIR=data_dir)
+    for var in ("PARLANCE_API_KEYS", "PARLANCE_DATABASE_URL", "PARLANCE_REDIS_URL"):
+        env.pop(var, None)
+    return env
 
 
 def _free_port() -> int:
@@ -126,11 +122,8 @@ deployments = [{{ provider = "claude", model = "claude-ok" }}]
 name = "claude-tools"
 deployments = [{{ provider = "claude", model = "claude-tools" }}]
 """)
-    env = dict(os.environ, RUST_LOG="info", PARLANCE_DATA_DIR=work)
-    for var in ("PARLANCE_API_KEYS", "PARLANCE_DATABASE_URL", "PARLANCE_REDIS_URL"):
-        env.pop(var, None)
     proc, base = _start_parlance([_binary(), "serve", "--addr", "127.0.0.1:0", "--exit-on-stdin-eof",
-                                  "--config", cfg], env)
+                                  "--config", cfg], _env(work))
     yield base
     proc.terminate()
     proc.wait(timeout=30)
