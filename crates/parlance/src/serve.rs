@@ -12,7 +12,8 @@ use parlance_api::StatusConvention;
 use parlance_engine::Engine;
 use parlance_platform::{Catalog, CatalogEntry, Keys, Platform, Price, StaticKeys};
 use parlance_providers::{
-    AnthropicUpstream, Deployment, EchoProvider, LocalProvider, OpenAiUpstream, RoutePolicy, Routed,
+    AnthropicUpstream, Deployment, EchoProvider, Endpoint, LocalProvider, OpenAiUpstream,
+    RoutePolicy, Routed,
 };
 use parlance_server::AppState;
 use parlance_store::{Limiter, Store};
@@ -355,16 +356,22 @@ fn routed_model(
         };
         let provider: Arc<dyn parlance_providers::ChatProvider> = match p.kind.as_str() {
             "openai" => Arc::new(
-                OpenAiUpstream::new(http.clone(), &p.base_url, key, &d.model, context)
-                    .with_pass_through(p.pass_through.clone()),
+                OpenAiUpstream::new(Endpoint::new(
+                    http.clone(),
+                    &p.base_url,
+                    key,
+                    &d.model,
+                    context,
+                ))
+                .with_pass_through(p.pass_through.clone()),
             ),
-            "anthropic" => Arc::new(AnthropicUpstream::new(
+            "anthropic" => Arc::new(AnthropicUpstream::new(Endpoint::new(
                 http.clone(),
                 &p.base_url,
                 key,
                 &d.model,
                 context,
-            )),
+            ))),
             other => bail!(
                 "provider {}: kind must be `openai` or `anthropic`, not {other:?}",
                 p.name

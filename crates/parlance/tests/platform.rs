@@ -412,6 +412,30 @@ async fn fresh_postgres() -> String {
     format!("{prefix}/{name}")
 }
 
+/// `n` requests at once, alternating between two replicas; their statuses.
+async fn fan_out(a: &Server, b: &Server, key: &str, body: &Value, n: usize) -> Vec<u16> {
+    let c = client();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let s = if i % 2 == 0 { a } else { b };
+            let req = c
+                .post(s.url("/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(body);
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
 /// Two replicas on one PostgreSQL database and one Redis, as a scaled-out deployment runs.
 async fn two_replicas() -> (Server, Server, String) {
     let db = fresh_postgres().await;
@@ -436,29 +460,9 @@ async fn race_two_replicas_never_overspend() {
     let cost = v["usage"]["prompt_tokens"].as_i64().unwrap() + 2;
 
     let (acct, key) = funded_key(&a, "race", 100 * cost, json!({})).await;
-    let c = client();
-    let mut tasks = Vec::new();
-    for i in 0..500 {
-        let url = if i % 2 == 0 {
-            a.url("/v1/chat/completions")
-        } else {
-            b.url("/v1/chat/completions")
-        };
-        let req = c.post(url).bearer_auth(&key).json(&body);
-        tasks.push(tokio::spawn(async move {
-            req.send().await.unwrap().status().as_u16()
-        }));
-    }
-    let mut ok = 0;
-    let mut refused = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => ok += 1,
-            402 => refused += 1,
-            other => panic!("unexpected status {other}"),
-        }
-    }
-    assert_eq!((ok, refused), (100, 400));
+    let statuses = fan_out(&a, &b, &key, &body, 500).await;
+    assert_eq!(count(&statuses, 200), 100);
+    assert_eq!(count(&statuses, 402), 400);
     let acc = settled_account(&b, &acct).await;
     assert_eq!(acc["balance"], 0, "{acc}");
 
@@ -498,29 +502,9 @@ async fn race_two_replicas_share_token_limits() {
     if into > 45_000 {
         tokio::time::sleep(Duration::from_millis(60_500 - into)).await;
     }
-    let c = client();
-    let mut tasks = Vec::new();
-    for i in 0..40 {
-        let url = if i % 2 == 0 {
-            a.url("/v1/chat/completions")
-        } else {
-            b.url("/v1/chat/completions")
-        };
-        let req = c.post(url).bearer_auth(&key).json(&body);
-        tasks.push(tokio::spawn(async move {
-            req.send().await.unwrap().status().as_u16()
-        }));
-    }
-    let mut ok = 0;
-    let mut limited = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => ok += 1,
-            429 => limited += 1,
-            other => panic!("unexpected status {other}"),
-        }
-    }
-    assert_eq!((ok, limited), (10, 30));
+    let statuses = fan_out(&a, &b, &key, &body, 40).await;
+    assert_eq!(count(&statuses, 200), 10);
+    assert_eq!(count(&statuses, 429), 30);
 }
 
 #[tokio::test]

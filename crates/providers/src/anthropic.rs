@@ -10,7 +10,8 @@ use parlance_api::chat::ToolChoice;
 use parlance_api::{ApiError, ChatRequest, FinishReason, Role, Usage};
 use serde_json::{json, Value};
 
-use crate::openai::{estimate_prompt_tokens, retry_after, upstream_error, without_url};
+use crate::endpoint::{upstream_error, Endpoint, KeyHeader};
+use crate::openai::estimate_prompt_tokens;
 use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
 
 /// The API version sent with every call.
@@ -19,40 +20,15 @@ const VERSION: &str = "2023-06-01";
 const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// One deployment on Anthropic's API (or a compatible one).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AnthropicUpstream {
-    http: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    model: String,
-    context_length: u32,
-}
-
-impl std::fmt::Debug for AnthropicUpstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AnthropicUpstream")
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .finish()
-    }
+    endpoint: Endpoint,
 }
 
 impl AnthropicUpstream {
-    /// A deployment at `base_url` (up to and including `/v1`).
-    pub fn new(
-        http: reqwest::Client,
-        base_url: &str,
-        api_key: Option<String>,
-        model: &str,
-        context_length: u32,
-    ) -> Self {
-        Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.filter(|k| !k.is_empty()),
-            model: model.to_owned(),
-            context_length,
-        }
+    /// A deployment at an endpoint.
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint }
     }
 }
 
@@ -190,7 +166,7 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Result<Value, ApiErro
 }
 
 struct Prepared {
-    up: AnthropicUpstream,
+    endpoint: Endpoint,
     body: Value,
     prompt: u32,
     max_completion: u64,
@@ -203,7 +179,7 @@ impl ChatProvider for AnthropicUpstream {
     }
 
     fn context_length(&self) -> u32 {
-        self.context_length
+        self.endpoint.context_length
     }
 
     fn fingerprint(&self) -> String {
@@ -215,10 +191,10 @@ impl ChatProvider for AnthropicUpstream {
     }
 
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
-        let body = request_body(request, &self.model)?;
+        let body = request_body(request, &self.endpoint.model)?;
         let prompt = estimate_prompt_tokens(request);
         Ok(Box::new(Prepared {
-            up: self.clone(),
+            endpoint: self.endpoint.clone(),
             body,
             prompt,
             max_completion: u64::from(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
@@ -237,33 +213,15 @@ impl PreparedChat for Prepared {
     }
 
     async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
-        let mut req = self
-            .up
-            .http
-            .post(format!("{}/messages", self.up.base_url))
-            .header("anthropic-version", VERSION)
-            .json(&self.body);
-        if let Some(k) = &self.up.api_key {
-            req = req.header("x-api-key", k);
-        }
-        let resp = req.send().await.map_err(|e| {
-            tracing::warn!(upstream = %self.up.base_url, error = %without_url(&e), "upstream unreachable");
-            ApiError::Upstream {
-                status: 502,
-                message: "Upstream error: the upstream could not be reached.".into(),
-                retry_after: None,
-            }
-        })?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            let after = retry_after(resp.headers());
-            let text = resp.text().await.unwrap_or_default();
-            let mut e = upstream_error(status, &text);
-            if let ApiError::Upstream { retry_after, .. } = &mut e {
-                *retry_after = after;
-            }
-            return Err(e);
-        }
+        let resp = self
+            .endpoint
+            .post(
+                "/messages",
+                &self.body,
+                KeyHeader::Named("x-api-key"),
+                &[("anthropic-version", VERSION)],
+            )
+            .await?;
         let events = crate::sse::events(resp.bytes_stream(), Translation::default());
         Ok(ChatStream {
             prompt_tokens: None,

@@ -4,6 +4,7 @@
 
 mod anthropic;
 mod echo;
+mod endpoint;
 mod local;
 pub mod openai;
 mod router;
@@ -17,6 +18,7 @@ use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 
 pub use anthropic::AnthropicUpstream;
 pub use echo::EchoProvider;
+pub use endpoint::Endpoint;
 pub use local::LocalProvider;
 pub use openai::OpenAiUpstream;
 pub use router::{Deployment, RoutePolicy, Routed};

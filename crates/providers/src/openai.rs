@@ -4,49 +4,26 @@
 //! nowhere else (never in logs or errors).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use parlance_api::chat::{ResponseFormat, ToolChoice};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use serde_json::{json, Value};
 
+use crate::endpoint::{upstream_error, Endpoint, KeyHeader};
 use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
 
-/// One OpenAI-compatible deployment: a base URL, a key, and the upstream's name for the model.
-#[derive(Clone)]
+/// One OpenAI-compatible deployment.
+#[derive(Debug, Clone)]
 pub struct OpenAiUpstream {
-    http: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    model: String,
-    context_length: u32,
+    endpoint: Endpoint,
     pass_through: Vec<String>,
 }
 
-impl std::fmt::Debug for OpenAiUpstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenAiUpstream")
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .finish()
-    }
-}
-
 impl OpenAiUpstream {
-    /// A deployment at `base_url` (up to and including `/v1`).
-    pub fn new(
-        http: reqwest::Client,
-        base_url: &str,
-        api_key: Option<String>,
-        model: &str,
-        context_length: u32,
-    ) -> Self {
+    /// A deployment at an endpoint.
+    pub fn new(endpoint: Endpoint) -> Self {
         Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.filter(|k| !k.is_empty()),
-            model: model.to_owned(),
-            context_length,
+            endpoint,
             pass_through: Vec::new(),
         }
     }
@@ -206,26 +183,8 @@ pub fn pass_through(body: &mut Value, request: &ChatRequest, allowed: &[String])
     }
 }
 
-/// An upstream's error answer as ours: the caller's own mistakes (4xx other than 401, 403, 408,
-/// 429) keep their status; the upstream's failures are 502, its limits 429.
-pub fn upstream_error(status: u16, body: &str) -> ApiError {
-    let message = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| format!("the upstream answered {status}"));
-    ApiError::Upstream {
-        status,
-        message: format!("Upstream error: {message}"),
-        retry_after: None,
-    }
-}
-
 struct Prepared {
-    up: OpenAiUpstream,
+    endpoint: Endpoint,
     body: Value,
     prompt: u32,
     max_completion: u64,
@@ -238,7 +197,7 @@ impl ChatProvider for OpenAiUpstream {
     }
 
     fn context_length(&self) -> u32 {
-        self.context_length
+        self.endpoint.context_length
     }
 
     fn fingerprint(&self) -> String {
@@ -251,22 +210,17 @@ impl ChatProvider for OpenAiUpstream {
 
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let prompt = estimate_prompt_tokens(request);
-        let room = self.context_length.saturating_sub(prompt).max(1);
+        let room = self.endpoint.context_length.saturating_sub(prompt).max(1);
         let per_choice = request.max_tokens.map_or(room, |m| m.min(room).max(m));
-        let mut body = request_body(request, &self.model);
+        let mut body = request_body(request, &self.endpoint.model);
         pass_through(&mut body, request, &self.pass_through);
         Ok(Box::new(Prepared {
-            up: self.clone(),
+            endpoint: self.endpoint.clone(),
             body,
             prompt,
             max_completion: u64::from(per_choice) * u64::from(request.n),
         }))
     }
-}
-
-pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<f64>().ok().map(Duration::from_secs_f64)
 }
 
 #[async_trait::async_trait]
@@ -280,32 +234,10 @@ impl PreparedChat for Prepared {
     }
 
     async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
-        let mut req = self
-            .up
-            .http
-            .post(format!("{}/chat/completions", self.up.base_url))
-            .json(&self.body);
-        if let Some(k) = &self.up.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.map_err(|e| {
-            tracing::warn!(upstream = %self.up.base_url, error = %without_url(&e), "upstream unreachable");
-            ApiError::Upstream {
-                status: 502,
-                message: "Upstream error: the upstream could not be reached.".into(),
-                retry_after: None,
-            }
-        })?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            let after = retry_after(resp.headers());
-            let text = resp.text().await.unwrap_or_default();
-            let mut e = upstream_error(status, &text);
-            if let ApiError::Upstream { retry_after, .. } = &mut e {
-                *retry_after = after;
-            }
-            return Err(e);
-        }
+        let resp = self
+            .endpoint
+            .post("/chat/completions", &self.body, KeyHeader::Bearer, &[])
+            .await?;
         let events = crate::sse::events(
             resp.bytes_stream(),
             Translation {
@@ -319,15 +251,6 @@ impl PreparedChat for Prepared {
             tally: None,
         })
     }
-}
-
-/// A reqwest error's text without the URL (it may carry credentials).
-pub(crate) fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(u) = e.url() {
-        s = s.replace(u.as_str(), "<upstream>");
-    }
-    s
 }
 
 fn finish(reason: &str) -> FinishReason {

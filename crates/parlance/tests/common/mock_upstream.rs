@@ -74,19 +74,25 @@ fn hello(first_wait: Duration, with_usage: bool) -> Response {
     sse(parts)
 }
 
+/// Counts a hit on the requested model and notes the key it came with (as `Bearer KEY`);
+/// returns the model.
+fn record(seen: &Shared, body: &Value, headers: &HeaderMap, key_header: &str) -> String {
+    let model = body["model"].as_str().unwrap_or("").to_owned();
+    let mut s = seen.lock().unwrap();
+    *s.hits.entry(model.clone()).or_default() += 1;
+    if let Some(k) = headers.get(key_header).and_then(|v| v.to_str().ok()) {
+        let k = k.strip_prefix("Bearer ").unwrap_or(k);
+        s.keys.push(format!("Bearer {k}"));
+    }
+    model
+}
+
 async fn completions(
     State(seen): State<Shared>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_owned();
-    {
-        let mut s = seen.lock().unwrap();
-        *s.hits.entry(model.clone()).or_default() += 1;
-        if let Some(k) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-            s.keys.push(k.to_owned());
-        }
-    }
+    let model = record(&seen, &body, &headers, "authorization");
     if body["stream"] != true {
         seen.lock().unwrap().unstreamed += 1;
         // Asked directly (the benchmark's baseline): one plain answer.
@@ -152,14 +158,7 @@ async fn messages(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or("").to_owned();
-    {
-        let mut s = seen.lock().unwrap();
-        *s.hits.entry(model.clone()).or_default() += 1;
-        if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-            s.keys.push(format!("Bearer {k}"));
-        }
-    }
+    let model = record(&seen, &body, &headers, "x-api-key");
     assert_eq!(headers["anthropic-version"], "2023-06-01");
     assert_eq!(body["stream"], true);
     assert!(body["max_tokens"].is_u64(), "Anthropic requires max_tokens");
