@@ -39,6 +39,10 @@ fn scratch() -> std::path::PathBuf {
 
 /// A server with prices and the admin API, on the given extra flags.
 fn priced_server(extra: &[&str]) -> Server {
+    priced_server_env(extra, &[])
+}
+
+fn priced_server_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
     let dir = scratch();
     let cfg = config_with_prices(&dir);
     let cfg = cfg.to_str().unwrap().to_owned();
@@ -53,7 +57,7 @@ fn priced_server(extra: &[&str]) -> Server {
         "--exit-on-stdin-eof",
     ];
     args.extend_from_slice(extra);
-    Server::start_raw(&args)
+    Server::start_with_env(&args, env)
 }
 
 async fn admin(s: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -636,4 +640,39 @@ async fn graceful_shutdown_writes_every_usage_record() {
     // Five labelled runs, and the stream without the label.
     assert_eq!(by_label.iter().filter(|g| g.group.is_some()).count(), 5);
     assert_eq!(by_label.iter().filter(|g| g.group.is_none()).count(), 1);
+}
+
+/// A replica killed with a stream in flight leaves credit held; another replica gives it back
+/// once the dead one has been unseen for the replica timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_holds_are_given_back() {
+    let db = fresh_postgres().await;
+    let flags = ["--database-url", db.as_str()];
+    let env = [("PARLANCE_REPLICA_TIMEOUT_MS", "1500")];
+    let a = priced_server_env(&flags, &env);
+    let b = priced_server_env(&flags, &env);
+    let (acct, key) = funded_key(&b, "acme", 100_000, json!({})).await;
+    let mut body = exact(400, "Tell me a long story.");
+    body["stream"] = json!(true);
+    let r = client()
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = r.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    let (_, held) = admin(&b, "GET", &format!("/admin/accounts/{acct}"), None).await;
+    assert!(held["reserved"].as_i64().unwrap() > 800, "{held}");
+    // Let the hold reach the database (it is written with the next batch), then kill the
+    // replica without a chance to settle.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(a);
+    drop(chunks);
+    let a_after = settled_account(&b, &acct).await;
+    assert_eq!(
+        a_after["balance"], 100_000,
+        "the dead request must not be charged: {a_after}"
+    );
 }

@@ -205,7 +205,10 @@ impl Platform {
         );
         if let (Some(account), true) = (&principal.account_id, worst_cost > 0) {
             match self.store.reserve(account, worst_cost).await {
-                Ok(Reserve::Reserved) => ticket.update(|c| c.reserved = worst_cost),
+                Ok(Reserve::Reserved) => {
+                    self.meter.hold(account, worst_cost);
+                    ticket.update(|c| c.reserved = worst_cost);
+                }
                 Ok(Reserve::Insufficient { balance }) => {
                     let e = ApiError::InsufficientBalance {
                         needed: worst_cost,

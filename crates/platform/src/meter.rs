@@ -5,7 +5,7 @@
 //! used and writes the usage record in a batch. Settlement happens in `Drop`, so it happens
 //! exactly once on every path: success, error, refusal, client gone mid-stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -111,21 +111,80 @@ impl Drop for Ticket {
     }
 }
 
+/// What this replica holds per account for its requests in flight, and which accounts changed
+/// since the store last heard of them.
+#[derive(Default)]
+struct Holds {
+    held: HashMap<String, i64>,
+    dirty: HashSet<String>,
+}
+
+/// Shared between the request path (reservations) and the worker (settlements).
+#[derive(Clone, Default)]
+pub(crate) struct HoldBook(Arc<Mutex<Holds>>);
+
+impl HoldBook {
+    fn change(&self, account: &str, delta: i64) {
+        let mut h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *h.held.entry(account.to_owned()).or_default() += delta;
+        h.dirty.insert(account.to_owned());
+    }
+
+    /// The accounts that changed, with what is held now.
+    fn take_dirty(&self) -> Vec<(String, i64)> {
+        let mut h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dirty: Vec<String> = h.dirty.drain().collect();
+        let out = dirty
+            .into_iter()
+            .map(|a| {
+                let v = h.held.get(&a).copied().unwrap_or(0);
+                (a, v)
+            })
+            .collect();
+        h.held.retain(|_, v| *v != 0);
+        out
+    }
+
+    fn mark_dirty(&self, accounts: &[(String, i64)]) {
+        let mut h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        h.dirty.extend(accounts.iter().map(|(a, _)| a.clone()));
+    }
+}
+
+/// How long a replica may go unseen before its holds are given back (60 s; the environment
+/// variable `PARLANCE_REPLICA_TIMEOUT_MS` changes it).
+fn replica_timeout() -> Duration {
+    std::env::var("PARLANCE_REPLICA_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms >= 100)
+        .map_or(Duration::from_secs(60), Duration::from_millis)
+}
+
 /// The handle to the metering worker.
 pub(crate) struct Meter {
     tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    holds: HoldBook,
 }
 
 impl Meter {
     /// Starts the worker (on the current Tokio runtime).
     pub(crate) fn start(store: Store, limiter: Arc<Limiter>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let worker = tokio::spawn(run(rx, store, limiter));
+        let holds = HoldBook::default();
+        let replica = format!("replica_{}", uuid::Uuid::now_v7().simple());
+        let worker = tokio::spawn(run(rx, store, limiter, holds.clone(), replica));
         Self {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
+            holds,
         }
+    }
+
+    /// Notes credit this replica now holds for a request.
+    pub(crate) fn hold(&self, account: &str, amount: i64) {
+        self.holds.change(account, amount);
     }
 
     /// A ticket for a request; `None` after shutdown began.
@@ -213,11 +272,12 @@ fn close(c: Closing) -> (Option<Settlement>, UsageRecord, Option<(String, u64, u
     (settlement, record, refund)
 }
 
-/// Settlements and records waiting to be committed together.
-#[derive(Default)]
+/// Settlements and records waiting to be committed together, with this replica's holds.
 struct Batch {
     settlements: Vec<Settlement>,
     records: Vec<UsageRecord>,
+    holds: HoldBook,
+    replica: String,
 }
 
 impl Batch {
@@ -228,12 +288,20 @@ impl Batch {
     /// Commits the batch in one transaction, retrying a few times; on failure it is kept for
     /// the next attempt (credit stays held meanwhile, never lost or double-counted).
     async fn write(&mut self, store: &Store) {
-        if self.records.is_empty() && self.settlements.is_empty() {
+        let holds = self.holds.take_dirty();
+        if self.records.is_empty() && self.settlements.is_empty() && holds.is_empty() {
             return;
         }
         for attempt in 0..3u32 {
             let started = Instant::now();
-            match store.commit(&self.settlements, &self.records).await {
+            match store
+                .commit_with_holds(
+                    &self.settlements,
+                    &self.records,
+                    Some((&self.replica, &holds)),
+                )
+                .await
+            {
                 Ok(()) => {
                     tracing::debug!(
                         records = self.records.len(),
@@ -251,6 +319,7 @@ impl Batch {
                 }
             }
         }
+        self.holds.mark_dirty(&holds);
         if self.records.len() > 100_000 {
             let drop = self.records.len() - 100_000;
             tracing::error!(
@@ -262,16 +331,36 @@ impl Batch {
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Job>, store: Store, limiter: Arc<Limiter>) {
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    store: Store,
+    limiter: Arc<Limiter>,
+    holds: HoldBook,
+    replica: String,
+) {
     let mut refunds: JoinSet<()> = JoinSet::new();
-    let mut batch = Batch::default();
+    let mut batch = Batch {
+        settlements: Vec::new(),
+        records: Vec::new(),
+        holds: holds.clone(),
+        replica: replica.clone(),
+    };
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Liveness: a heartbeat well inside the timeout, and a look for dead replicas' holds.
+    let timeout = replica_timeout();
+    let mut heartbeat = tokio::time::interval(timeout / 6);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(timeout / 2);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             job = rx.recv() => match job {
                 Some(Job::Close(c)) => {
                     let (settlement, record, refund) = close(*c);
+                    if let Some(s) = &settlement {
+                        holds.change(&s.account_id, -s.reserved);
+                    }
                     batch.settlements.extend(settlement);
                     batch.records.push(record);
                     if let Some((key, window, tokens)) = refund.filter(|r| r.2 > 0) {
@@ -295,10 +384,25 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Job>, store: Store, limiter: Arc<Li
             },
             Some(_) = refunds.join_next(), if !refunds.is_empty() => {}
             _ = tick.tick() => batch.write(&store).await,
+            _ = heartbeat.tick() => {
+                if let Err(e) = store.heartbeat(&replica).await {
+                    tracing::warn!(error = %e, "replica heartbeat failed");
+                }
+            }
+            _ = sweep.tick() => {
+                let cutoff = parlance_store::now_ms()
+                    - i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+                if let Err(e) = store.release_dead_holds(cutoff).await {
+                    tracing::warn!(error = %e, "could not release dead replicas' holds");
+                }
+            }
         }
     }
     while refunds.join_next().await.is_some() {}
     batch.write(&store).await;
+    if let Err(e) = store.forget_replica(&replica).await {
+        tracing::warn!(error = %e, "could not clear this replica's holds");
+    }
 }
 
 /// A provider's events, observed for metering on their way to the client.

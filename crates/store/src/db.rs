@@ -100,10 +100,13 @@ pub struct Settlement {
 }
 
 /// The migrations, in order; each runs once, in a transaction, on either database.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../migrations/0001_accounts_keys_ledger_usage.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../migrations/0001_accounts_keys_ledger_usage.sql"),
+    ),
+    (2, include_str!("../migrations/0002_replica_holds.sql")),
+];
 
 /// The database behind the platform.
 #[derive(Debug, Clone)]
@@ -461,7 +464,18 @@ impl Store {
         settlements: &[Settlement],
         usage: &[crate::UsageRecord],
     ) -> Result<(), StoreError> {
-        if settlements.is_empty() && usage.is_empty() {
+        self.commit_with_holds(settlements, usage, None).await
+    }
+
+    /// [`Store::commit`], and in the same transaction this replica's holds per account as
+    /// they stand after these settlements (so that they can be given back if it dies).
+    pub async fn commit_with_holds(
+        &self,
+        settlements: &[Settlement],
+        usage: &[crate::UsageRecord],
+        holds: Option<(&str, &[(String, i64)])>,
+    ) -> Result<(), StoreError> {
+        if settlements.is_empty() && usage.is_empty() && holds.is_none_or(|h| h.1.is_empty()) {
             return Ok(());
         }
         let mut per_account: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
@@ -504,8 +518,84 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
         crate::usage::insert_usage(&mut tx, usage).await?;
+        if let Some((replica, holds)) = holds {
+            for (account, amount) in holds {
+                sqlx::query(
+                    "INSERT INTO replica_holds (replica_id, account_id, amount, seen_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (replica_id, account_id) \
+                     DO UPDATE SET amount = excluded.amount, seen_at = excluded.seen_at",
+                )
+                .bind(replica)
+                .bind(account.clone())
+                .bind((*amount).max(0))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Marks this replica alive.
+    pub async fn heartbeat(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE replica_holds SET seen_at = $1 WHERE replica_id = $2")
+            .bind(now_ms())
+            .bind(replica)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets this replica's holds (at a clean stop, when nothing is held any more).
+    pub async fn forget_replica(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM replica_holds WHERE replica_id = $1 AND amount = 0")
+            .bind(replica)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives back to their accounts the holds of replicas not seen since `cutoff` (epoch ms):
+    /// they died with requests in flight. Each dead hold is taken by exactly one caller.
+    /// Returns the micro-units released.
+    pub async fn release_dead_holds(&self, cutoff: i64) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "DELETE FROM replica_holds WHERE seen_at < $1 RETURNING account_id, amount",
+        )
+        .bind(cutoff)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut per_account: std::collections::BTreeMap<String, i64> = Default::default();
+        for r in &rows {
+            let account: String = r.try_get("account_id")?;
+            let amount: i64 = r.try_get("amount")?;
+            *per_account.entry(account).or_default() += amount;
+        }
+        let mut released = 0;
+        for (account, amount) in per_account.iter().filter(|(_, a)| **a > 0) {
+            // Never more than is still held (a hold can lag its settlements by one batch).
+            let r = sqlx::query(
+                "UPDATE accounts SET balance = balance + (CASE WHEN reserved < $1 THEN reserved ELSE $1 END), \
+                 reserved = reserved - (CASE WHEN reserved < $1 THEN reserved ELSE $1 END) WHERE id = $2",
+            )
+            .bind(*amount)
+            .bind(account.clone())
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() > 0 {
+                released += amount;
+            }
+        }
+        tx.commit().await?;
+        if released > 0 {
+            tracing::warn!(
+                released,
+                "gave back the holds of a replica that stopped without settling"
+            );
+        }
+        Ok(released)
     }
 
     /// The sum of an account's ledger: credits minus charges. With no request in flight it

@@ -421,3 +421,27 @@ async fn redis_limits_hold_across_replicas() {
         assert_eq!(allowed, expected, "{name}");
     }
 }
+
+#[tokio::test]
+async fn a_dead_replicas_holds_are_released_once() {
+    for (url, store) in each_backend().await {
+        let acct = store.create_account("acme").await.unwrap();
+        store.add_credits(&acct.id, 100, None).await.unwrap();
+        store.reserve(&acct.id, 60).await.unwrap();
+        let holds = vec![(acct.id.clone(), 60)];
+        store
+            .commit_with_holds(&[], &[], Some(("r-dead", &holds)))
+            .await
+            .unwrap();
+        // Alive (seen just now): nothing released.
+        let recent = parlance_store::now_ms() - 60_000;
+        assert_eq!(store.release_dead_holds(recent).await.unwrap(), 0, "{url}");
+        store.heartbeat("r-dead").await.unwrap();
+        // Unseen since the cutoff: released, once.
+        let future = parlance_store::now_ms() + 1_000;
+        assert_eq!(store.release_dead_holds(future).await.unwrap(), 60);
+        assert_eq!(store.release_dead_holds(future).await.unwrap(), 0);
+        let a = store.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!((a.balance, a.reserved), (100, 0));
+    }
+}

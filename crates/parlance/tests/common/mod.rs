@@ -72,11 +72,16 @@ impl Server {
         Self::start_raw(&args)
     }
 
+    pub fn start_raw(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Server::start_raw`] with extra environment variables.
     #[expect(
         clippy::zombie_processes,
         reason = "Server's Drop kills the child and waits for it"
     )]
-    pub fn start_raw(args: &[&str]) -> Server {
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         // Each server gets its own data directory (its own SQLite database) unless the test
         // names a database.
         let data = std::env::temp_dir().join(format!("parlance-test-{}", uuid_like()));
@@ -87,6 +92,7 @@ impl Server {
             .env_remove("PARLANCE_DATABASE_URL")
             .env_remove("PARLANCE_REDIS_URL")
             .env_remove("PARLANCE_ADMIN_TOKEN")
+            .envs(env.iter().copied())
             .env_remove("PARLANCE_API_KEYS")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
