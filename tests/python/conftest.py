@@ -111,6 +111,10 @@ name = "gpt"
 deployments = [{{ provider = "mock", model = "fail500" }}, {{ provider = "mock", model = "ok" }}]
 
 [[models]]
+name = "thinker"
+deployments = [{{ provider = "mock", model = "think" }}]
+
+[[models]]
 name = "gpt-tools"
 deployments = [{{ provider = "mock", model = "tools" }}]
 

@@ -63,3 +63,19 @@ def test_anthropic_sdk_on_both_kinds_of_upstream(gateway):
     assert final.stop_reason == "tool_use"
     block = [b for b in final.content if b.type == "tool_use"][0]
     assert block.input == {"city": "Lyon"}
+
+
+def test_reasoning_with_both_sdks(gateway):
+    r = sdk(gateway).chat.completions.create(
+        model="thinker", messages=[{"role": "user", "content": "hi"}], reasoning_effort="high")
+    strict(r)
+    assert r.choices[0].message.content == "Hi!"
+    assert r.choices[0].message.model_extra["reasoning_content"] == "The user greets me."
+    assert r.usage.completion_tokens_details.reasoning_tokens == 7
+    a = anthropic.Anthropic(base_url=gateway, api_key="unused", max_retries=0)
+    with a.messages.stream(model="thinker", max_tokens=50,
+                           messages=[{"role": "user", "content": "hi"}]) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "The user greets me."
+    assert final.content[1].text == "Hi!"

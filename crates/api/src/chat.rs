@@ -951,6 +951,13 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The same usage, with this many of the completion tokens spent thinking.
+    pub fn with_reasoning(mut self, reasoning_tokens: u32) -> Self {
+        self.completion_tokens_details.reasoning_tokens =
+            reasoning_tokens.min(self.completion_tokens);
+        self
+    }
+
     /// Usage from the three counts.
     pub fn new(prompt_tokens: u32, cached_tokens: u32, completion_tokens: u32) -> Self {
         Self {
@@ -1067,6 +1074,9 @@ pub struct AssistantMessage {
     /// Calls the model made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// What the model thought before answering, when it thinks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// One call in `message.tool_calls`.
@@ -1188,6 +1198,9 @@ pub struct Delta {
     /// Tool-call fragments.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// New reasoning text (models that think before they answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[cfg(test)]

@@ -444,3 +444,96 @@ async fn weighted_choice_splits_traffic() {
     // 3:1 expected (300 / 100); binomial standard deviation about 8.7.
     assert!((250..=350).contains(&a), "ok got {a}, ok-nousage {b}");
 }
+
+#[tokio::test]
+async fn reasoning_from_upstreams_reaches_both_doors() {
+    let (base, seen) = mock_upstream().await;
+    let s = gateway(
+        &base,
+        &[("r1", &["think"], None), ("c1", &["claude-think"], None)],
+    );
+    // An OpenAI-compatible upstream that streams `reasoning_content`.
+    let mut body = ask("r1");
+    body["reasoning_effort"] = json!("high");
+    let (st, v) = post_json(&s, None, &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hi!");
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_content"],
+        "The user greets me."
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        7
+    );
+    common::validate_with_spec(&v.to_string());
+    assert_eq!(
+        seen.lock().unwrap().bodies["think"]["reasoning_effort"],
+        "high"
+    );
+    body["stream"] = json!(true);
+    let (_, _, data) = common::post_stream(&s, &body).await;
+    let thought: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["reasoning_content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(thought, "The user greets me.");
+
+    // Anthropic upstream: the effort becomes a thinking budget, thinking comes back as
+    // reasoning_content.
+    let mut body = ask("c1");
+    body["reasoning_effort"] = json!("low");
+    body["max_tokens"] = json!(4000);
+    let (st, v) = post_json(&s, None, &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_content"],
+        "Weighing it up"
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], "Yes.");
+    assert!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let sent = seen.lock().unwrap().bodies["claude-think"].clone();
+    assert_eq!(
+        sent["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert!(sent.get("temperature").is_none());
+    // `none` turns thinking off.
+    body["reasoning_effort"] = json!("none");
+    post_json(&s, None, &body).await;
+    assert!(seen.lock().unwrap().bodies["claude-think"]
+        .get("thinking")
+        .is_none());
+
+    // The Anthropic door shows the thought as a thinking block, plain and streamed.
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .json(&json!({"model": "r1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let m: Value = r.json().await.unwrap();
+    assert_eq!(m["content"][0]["type"], "thinking", "{m}");
+    assert_eq!(m["content"][0]["thinking"], "The user greets me.");
+    assert_eq!(m["content"][1]["text"], "Hi!");
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .json(&json!({"model": "r1", "max_tokens": 50, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"thinking_delta\""), "{text}");
+    assert!(text.contains("\"type\":\"thinking\""), "{text}");
+}

@@ -434,7 +434,9 @@ impl Stream for Metered {
             Poll::Ready(Some(ev)) => {
                 let now = Instant::now();
                 match ev {
-                    ChatEvent::Text { .. } | ChatEvent::ToolCallStart { .. } => {
+                    ChatEvent::Text { .. }
+                    | ChatEvent::Reasoning { .. }
+                    | ChatEvent::ToolCallStart { .. } => {
                         self.ticket.update(|c| {
                             c.first_output.get_or_insert(now);
                         });

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use parlance_api::chat::ToolChoice;
+use parlance_api::chat::{ReasoningEffort, ToolChoice};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Role, Usage};
 use serde_json::{json, Value};
 
@@ -133,6 +133,27 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Result<Value, ApiErro
     if !request.stop.is_empty() {
         o.insert("stop_sequences".into(), json!(request.stop));
     }
+    // `reasoning_effort` sets a thinking budget; Anthropic wants it below `max_tokens`, at
+    // least 1024, and no sampling changes alongside it.
+    let budget = match request.reasoning_effort {
+        None | Some(ReasoningEffort::None) => None,
+        Some(ReasoningEffort::Minimal) => Some(1024),
+        Some(ReasoningEffort::Low) => Some(2048),
+        Some(ReasoningEffort::Medium) => Some(8192),
+        Some(ReasoningEffort::High) => Some(24_576),
+    };
+    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if let Some(b) = budget.map(|b: u32| b.min(max_tokens.saturating_sub(1))) {
+        if b >= 1024 {
+            o.insert(
+                "thinking".into(),
+                json!({"type": "enabled", "budget_tokens": b}),
+            );
+            o.remove("temperature");
+            o.remove("top_k");
+            o.remove("top_p");
+        }
+    }
     if let Some(u) = &request.user {
         o.insert("metadata".into(), json!({"user_id": u}));
     }
@@ -247,6 +268,9 @@ struct Translation {
     stop: Option<(FinishReason, Option<String>)>,
     done: bool,
     failed: bool,
+    /// Characters of thinking: Anthropic counts thinking in `output_tokens` without a figure
+    /// of its own, so reasoning tokens are estimated from them (three characters a token).
+    thinking_chars: usize,
 }
 
 impl Translation {
@@ -323,6 +347,15 @@ impl crate::sse::Translator for Translation {
                                 choice: 0,
                                 text: t.to_owned(),
                                 logprobs: Vec::new(),
+                            });
+                        }
+                    }
+                    Some("thinking_delta") => {
+                        if let Some(t) = d["thinking"].as_str().filter(|t| !t.is_empty()) {
+                            self.thinking_chars += t.chars().count();
+                            out.push(ChatEvent::Reasoning {
+                                choice: 0,
+                                text: t.to_owned(),
                             });
                         }
                     }
@@ -409,11 +442,10 @@ impl crate::sse::Translator for Translation {
             reason,
             stop_sequence,
         });
-        out.push(ChatEvent::Usage(Usage::new(
-            self.input,
-            self.cached,
-            self.output,
-        )));
+        let reasoning = u32::try_from(self.thinking_chars.div_ceil(3)).unwrap_or(u32::MAX);
+        out.push(ChatEvent::Usage(
+            Usage::new(self.input, self.cached, self.output).with_reasoning(reasoning),
+        ));
     }
 }
 

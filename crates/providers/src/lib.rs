@@ -35,6 +35,13 @@ pub enum ChatEvent {
         /// Log probabilities of the tokens of this text, when the request asked for them.
         logprobs: Vec<parlance_api::chat::TokenLogprob>,
     },
+    /// New reasoning text of one choice (a model thinking before it answers).
+    Reasoning {
+        /// Choice index.
+        choice: u32,
+        /// The text.
+        text: String,
+    },
     /// A choice ended.
     Finish {
         /// Choice index.

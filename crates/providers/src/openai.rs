@@ -120,6 +120,9 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Value {
     if let Some(u) = &request.user {
         set("user", json!(u));
     }
+    if let Some(effort) = request.reasoning_effort {
+        set("reasoning_effort", json!(effort));
+    }
     if let Some(top) = request.logprobs {
         set("logprobs", json!(true));
         set("top_logprobs", json!(top));
@@ -348,6 +351,19 @@ impl crate::sse::Translator for Translation {
         {
             let choice = c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
             let delta = c.get("delta");
+            // Thinking, as DeepSeek and vLLM (`reasoning_content`) or OpenRouter (`reasoning`)
+            // stream it.
+            if let Some(text) = delta
+                .and_then(|d| d.get("reasoning_content").or_else(|| d.get("reasoning")))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                self.chars += text.chars().count();
+                out.push(ChatEvent::Reasoning {
+                    choice,
+                    text: text.to_owned(),
+                });
+            }
             if let Some(text) = delta
                 .and_then(|d| d.get("content"))
                 .and_then(Value::as_str)
@@ -417,11 +433,14 @@ impl crate::sse::Translator for Translation {
                 .pointer("/prompt_tokens_details/cached_tokens")
                 .and_then(Value::as_u64)
                 .unwrap_or(0) as u32;
-            self.usage = Some(Usage::new(
-                n("prompt_tokens"),
-                cached,
-                n("completion_tokens"),
-            ));
+            let reasoning = u
+                .pointer("/completion_tokens_details/reasoning_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u32;
+            self.usage = Some(
+                Usage::new(n("prompt_tokens"), cached, n("completion_tokens"))
+                    .with_reasoning(reasoning),
+            );
         }
     }
 

@@ -17,7 +17,6 @@ use futures::{Stream, StreamExt};
 use parlance_api::anthropic::{
     error_body, parse_messages_request, MessagesResponse, MessagesUsage, StopReason,
 };
-use parlance_api::chat::ToolChoice;
 use parlance_api::{ApiError, FinishReason, Usage};
 use parlance_platform::Principal;
 use parlance_providers::ChatEvent;
@@ -37,15 +36,12 @@ pub(crate) async fn messages(
     let rate = started.rate_limit;
     let model = request.model.clone();
     if request.stream {
-        let forced = matches!(
-            request.tool_choice,
-            ToolChoice::Required | ToolChoice::Named(_)
-        );
-        let mut resp = stream(id, model, started.stream, !forced).into_response();
+        let mut resp = stream(id, model, started.stream).into_response();
         crate::error::add_rate_headers(&mut resp, rate);
         return Ok(resp);
     }
     let mut text = String::new();
+    let mut thinking = String::new();
     // (id, name, arguments) of each call, in order.
     let mut pending: Vec<(String, String, String)> = Vec::new();
     let mut stop = (StopReason::EndTurn, None);
@@ -54,6 +50,7 @@ pub(crate) async fn messages(
     while let Some(ev) = events.next().await {
         match ev {
             ChatEvent::Text { text: t, .. } => text.push_str(&t),
+            ChatEvent::Reasoning { text: t, .. } => thinking.push_str(&t),
             ChatEvent::ToolCallStart { id, name, .. } => pending.push((id, name, String::new())),
             ChatEvent::ToolCallArgs {
                 index, arguments, ..
@@ -80,6 +77,10 @@ pub(crate) async fn messages(
         stop.0 = StopReason::ToolUse;
     }
     let mut content = Vec::new();
+    if !thinking.is_empty() {
+        // parlance does not sign thinking blocks; the signature is empty.
+        content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
+    }
     if !text.is_empty() || calls.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
@@ -137,14 +138,9 @@ fn event(kind: &str, data: serde_json::Value) -> Event {
 /// Anthropic's event sequence: `message_start`, then blocks (`content_block_start`,
 /// `content_block_delta`..., `content_block_stop`; text as `text_delta`, tool calls as
 /// `tool_use` blocks with `input_json_delta` fragments), `message_delta`, `message_stop`; an
-/// error after the start is an `error` event that ends the stream. Without a forced tool call
-/// the text block opens at once, before `ping`, as Anthropic's own streams do.
-fn stream(
-    id: String,
-    model: String,
-    started: parlance_providers::ChatStream,
-    text_first: bool,
-) -> impl IntoResponse {
+/// error after the start is an `error` event that ends the stream. Blocks open when their first
+/// content arrives (a thinking block before the text, as Anthropic's own streams order them).
+fn stream(id: String, model: String, started: parlance_providers::ChatStream) -> impl IntoResponse {
     let input = started.prompt_tokens.unwrap_or(0);
     let text_start = |index: u32| {
         event(
@@ -159,7 +155,7 @@ fn stream(
             json!({"type": "content_block_stop", "index": index}),
         )
     };
-    let mut opening = vec![event(
+    let opening = vec![event(
         "message_start",
         json!({"type": "message_start", "message": {
             "id": id, "type": "message", "role": "assistant", "model": model,
@@ -167,21 +163,46 @@ fn stream(
             "usage": {"input_tokens": input, "output_tokens": 0,
                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
     )];
-    if text_first {
-        opening.push(text_start(0));
-    }
-    opening.push(event("ping", json!({"type": "ping"})));
     let mut stop = (StopReason::EndTurn, None);
-    let mut text_open = text_first;
+    let mut text_open = false;
     let mut index = 0u32;
-    let mut any_block = text_first;
+    let mut any_block = false;
     let mut saw_tool = false;
     let mut tool_open = false;
+    let mut thinking_open = false;
+    let mut pinged = false;
     let body = started.events.flat_map(move |ev| {
         let mut out = Vec::new();
         match ev {
             ChatEvent::Text { text, .. } if text.is_empty() => {}
+            ChatEvent::Reasoning { text, .. } => {
+                if text_open || tool_open {
+                    out.push(block_stop(index));
+                    index += 1;
+                    text_open = false;
+                    tool_open = false;
+                }
+                if !thinking_open {
+                    out.push(event(
+                        "content_block_start",
+                        json!({"type": "content_block_start", "index": index,
+                               "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+                    ));
+                    thinking_open = true;
+                    any_block = true;
+                }
+                out.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "thinking_delta", "thinking": text}}),
+                ));
+            }
             ChatEvent::Text { text, .. } => {
+                if thinking_open {
+                    out.push(block_stop(index));
+                    index += 1;
+                    thinking_open = false;
+                }
                 if tool_open {
                     out.push(block_stop(index));
                     index += 1;
@@ -199,10 +220,11 @@ fn stream(
                 ));
             }
             ChatEvent::ToolCallStart { id, name, .. } => {
-                if text_open || tool_open {
+                if text_open || tool_open || thinking_open {
                     out.push(block_stop(index));
                     index += 1;
                     text_open = false;
+                    thinking_open = false;
                 }
                 out.push(event(
                     "content_block_start",
@@ -236,6 +258,14 @@ fn stream(
                     out.push(text_start(index));
                     text_open = true;
                 }
+                if !text_open && thinking_open {
+                    // Thought, then said nothing: close the thought, and end with an empty
+                    // text block as Anthropic does.
+                    out.push(block_stop(index));
+                    index += 1;
+                    out.push(text_start(index));
+                    text_open = true;
+                }
                 if text_open || tool_open {
                     out.push(block_stop(index));
                 }
@@ -250,6 +280,11 @@ fn stream(
             ChatEvent::Error(e) => {
                 out.push(event("error", error_body(&e, e.status(Default::default()))))
             }
+        }
+        // Anthropic pings once, right after the first block opens.
+        if !pinged && any_block {
+            out.insert(out.len().min(1), event("ping", json!({"type": "ping"})));
+            pinged = true;
         }
         futures::stream::iter(out.into_iter().map(Ok::<_, Infallible>))
     });

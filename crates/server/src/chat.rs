@@ -78,6 +78,7 @@ struct Meta {
 async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<Response, Failure> {
     let n = request.n as usize;
     let mut texts = vec![String::new(); n];
+    let mut thoughts = vec![String::new(); n];
     let mut logprobs = vec![Vec::new(); n];
     let mut calls: Vec<Vec<ToolCall>> = vec![Vec::new(); n];
     let mut reasons = vec![None; n];
@@ -95,6 +96,11 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
                 }
                 if let Some(l) = logprobs.get_mut(choice as usize) {
                     l.extend(lp);
+                }
+            }
+            ChatEvent::Reasoning { choice, text } => {
+                if let Some(t) = thoughts.get_mut(choice as usize) {
+                    t.push_str(&text);
                 }
             }
             ChatEvent::Finish { choice, reason, .. } => {
@@ -138,22 +144,26 @@ async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<
         .zip(reasons)
         .zip(logprobs)
         .zip(calls)
+        .zip(thoughts)
         .enumerate()
-        .map(|(i, (((text, reason), content), calls))| Choice {
-            index: i as u32,
-            message: AssistantMessage {
-                role: "assistant",
-                // A turn that only calls tools has null content, as OpenAI answers it.
-                content: (calls.is_empty() || !text.is_empty()).then_some(text),
-                refusal: None,
-                tool_calls: (!calls.is_empty()).then_some(calls),
+        .map(
+            |(i, ((((text, reason), content), calls), thought))| Choice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant",
+                    // A turn that only calls tools has null content, as OpenAI answers it.
+                    content: (calls.is_empty() || !text.is_empty()).then_some(text),
+                    refusal: None,
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                    reasoning_content: (!thought.is_empty()).then_some(thought),
+                },
+                logprobs: want_logprobs.then_some(ChoiceLogprobs {
+                    content,
+                    refusal: None,
+                }),
+                finish_reason: reason.unwrap_or(FinishReason::Stop),
             },
-            logprobs: want_logprobs.then_some(ChoiceLogprobs {
-                content,
-                refusal: None,
-            }),
-            finish_reason: reason.unwrap_or(FinishReason::Stop),
-        })
+        )
         .collect();
     Ok(Json(ChatCompletion {
         id: meta.id,
@@ -197,6 +207,7 @@ fn tool_chunk(meta: &Meta, choice: u32, tc: ToolCallDelta, usage: UsageField) ->
         role: None,
         content: None,
         tool_calls: Some(vec![tc]),
+        reasoning_content: None,
     };
     chunk(meta, vec![delta(choice, d, None)], usage)
 }
@@ -216,6 +227,7 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                 role: Some("assistant"),
                 content: Some(String::new()),
                 tool_calls: None,
+                reasoning_content: None,
             };
             Ok(chunk(&meta, vec![delta(i, d, None)], none))
         })
@@ -232,6 +244,7 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                     role: None,
                     content: Some(text),
                     tool_calls: None,
+                    reasoning_content: None,
                 };
                 let mut c = delta(choice, d, None);
                 if want_logprobs {
@@ -241,6 +254,13 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                     });
                 }
                 vec![chunk(&m, vec![c], none)]
+            }
+            ChatEvent::Reasoning { choice, text } => {
+                let d = Delta {
+                    reasoning_content: Some(text),
+                    ..Delta::default()
+                };
+                vec![chunk(&m, vec![delta(choice, d, None)], none)]
             }
             ChatEvent::Finish { choice, reason, .. } => {
                 vec![chunk(

@@ -25,6 +25,8 @@ pub struct Seen {
     pub hits: HashMap<String, u32>,
     pub keys: Vec<String>,
     pub unstreamed: u32,
+    /// The last request body per upstream model.
+    pub bodies: HashMap<String, Value>,
 }
 
 pub type Shared = Arc<Mutex<Seen>>;
@@ -80,6 +82,7 @@ fn record(seen: &Shared, body: &Value, headers: &HeaderMap, key_header: &str) ->
     let model = body["model"].as_str().unwrap_or("").to_owned();
     let mut s = seen.lock().unwrap();
     *s.hits.entry(model.clone()).or_default() += 1;
+    s.bodies.insert(model.clone(), body.clone());
     if let Some(k) = headers.get(key_header).and_then(|v| v.to_str().ok()) {
         let k = k.strip_prefix("Bearer ").unwrap_or(k);
         s.keys.push(format!("Bearer {k}"));
@@ -105,6 +108,16 @@ async fn completions(
     match model.as_str() {
         "ok" => hello(Duration::ZERO, true),
         "ok-nousage" => hello(Duration::ZERO, false),
+        "think" => sse(vec![
+            (Duration::ZERO, chunk(json!({"role": "assistant", "content": null, "reasoning_content": "The user"}), None)),
+            (Duration::ZERO, chunk(json!({"reasoning_content": " greets me."}), None)),
+            (Duration::ZERO, chunk(json!({"content": "Hi!"}), None)),
+            (Duration::ZERO, chunk(json!({}), Some("stop"))),
+            (Duration::ZERO, format!("data: {}\n\n", json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1,
+                "model": "up", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14,
+                "completion_tokens_details": {"reasoning_tokens": 7}}}))),
+            (Duration::ZERO, "data: [DONE]\n\n".into()),
+        ]),
         "slow" => hello(Duration::from_secs(3), true),
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -182,6 +195,18 @@ async fn messages(
             anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\"Lyon\"}"}})),
             anthropic_event(json!({"type": "content_block_stop", "index": 0})),
             anthropic_event(json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 12}})),
+            anthropic_event(json!({"type": "message_stop"})),
+        ]),
+        "claude-think" => sse(vec![
+            anthropic_event(start),
+            anthropic_event(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Weighing it up"}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}})),
+            anthropic_event(json!({"type": "content_block_stop", "index": 0})),
+            anthropic_event(json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}})),
+            anthropic_event(json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Yes."}})),
+            anthropic_event(json!({"type": "content_block_stop", "index": 1})),
+            anthropic_event(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 20}})),
             anthropic_event(json!({"type": "message_stop"})),
         ]),
         "claude-overloaded" => (
