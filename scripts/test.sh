@@ -20,6 +20,8 @@ cargo build -p parlance --bin parlance --example mock_upstream -j "$jobs"
 echo "== default model" >&2
 export PARLANCE_BIN="${PARLANCE_BIN:-${CARGO_TARGET_DIR:-target}/debug/parlance}"
 "$PARLANCE_BIN" pull
+PARLANCE_TEST_THINKING_MODEL="$(scripts/thinking-model.sh)"
+export PARLANCE_TEST_THINKING_MODEL
 echo "== clippy" >&2
 cargo clippy --all-targets -j "$jobs" -- -D warnings
 echo "== rust tests" >&2

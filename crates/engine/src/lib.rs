@@ -297,13 +297,19 @@ impl Engine {
     }
 
     /// Renders a conversation with the model's chat template, ending with the assistant's
-    /// generation prompt.
+    /// generation prompt; `thinking` is the template's `enable_thinking`.
     pub fn apply_chat_template(
         &self,
         messages: &[serde_json::Value],
         tools: Option<&serde_json::Value>,
+        thinking: bool,
     ) -> Result<String, TemplateError> {
-        self.model.template.render(messages, tools, true)
+        self.model.template.render(messages, tools, true, thinking)
+    }
+
+    /// Whether the model's chat template has a thinking mode.
+    pub fn template_thinks(&self) -> bool {
+        self.model.template.knows_thinking()
     }
 
     /// Whether the model's chat template renders tool definitions itself.

@@ -9,6 +9,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     knows_developer_role: bool,
     knows_tools: bool,
+    knows_thinking: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -47,9 +48,15 @@ impl ChatTemplate {
             env,
             knows_developer_role: source.contains("developer"),
             knows_tools: source.contains("tools"),
+            knows_thinking: source.contains("<think>") || source.contains("enable_thinking"),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
         })
+    }
+
+    /// Whether the template has a thinking mode (`<think>`, `enable_thinking`).
+    pub fn knows_thinking(&self) -> bool {
+        self.knows_thinking
     }
 
     /// Whether the template renders `tools` itself.
@@ -65,6 +72,7 @@ impl ChatTemplate {
         messages: &[serde_json::Value],
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
+        enable_thinking: bool,
     ) -> Result<String, TemplateError> {
         let messages: Vec<serde_json::Value> =
             messages.iter().map(|m| self.normalise_message(m)).collect();
@@ -73,6 +81,7 @@ impl ChatTemplate {
             messages => Value::from_serialize(&messages),
             tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
+            enable_thinking => enable_thinking,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
@@ -111,10 +120,25 @@ mod tests {
     // bad alternation; `.strip()` as a Python method.
     const GEMMA_LIKE: &str = "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}{% for message in msgs %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (sys if loop.first else '') + message['content'].strip() + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
 
+    #[test]
+    fn thinking_switch_reaches_the_template() {
+        // Shaped like Qwen3's: thinking on unless `enable_thinking` is false, when the
+        // generation prompt closes an empty thought.
+        let src = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert!(t.knows_thinking());
+        let msgs = vec![json!({"role": "user", "content": "Hi"})];
+        let on = t.render(&msgs, None, true, true).unwrap();
+        let off = t.render(&msgs, None, true, false).unwrap();
+        assert!(on.ends_with("<|im_start|>assistant\n"));
+        assert!(off.ends_with("<think>\n\n</think>\n\n"));
+        assert!(!ChatTemplate::new(SMOLLM2, "", "").unwrap().knows_thinking());
+    }
+
     fn render(src: &str, msgs: serde_json::Value) -> Result<String, TemplateError> {
         let t = ChatTemplate::new(src, "<s>", "</s>")?;
         let msgs = msgs.as_array().cloned().unwrap_or_default();
-        t.render(&msgs, None, true)
+        t.render(&msgs, None, true, true)
     }
 
     #[test]

@@ -107,6 +107,7 @@ fn generate(grammar: parlance_engine::Grammar, seed: u64) -> (String, FinishReas
         .apply_chat_template(
             &[json!({"role": "user", "content": "Answer in JSON."})],
             None,
+            true,
         )
         .unwrap();
     let mut stream = e

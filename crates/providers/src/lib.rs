@@ -9,6 +9,7 @@ mod local;
 pub mod openai;
 mod router;
 mod sse;
+mod thinking;
 pub mod tools;
 
 use std::pin::Pin;

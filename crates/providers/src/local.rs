@@ -6,10 +6,13 @@ use std::sync::Arc;
 use futures::stream;
 use std::collections::VecDeque;
 
-use parlance_api::chat::{ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogprob};
+use parlance_api::chat::{
+    ReasoningEffort, ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogprob,
+};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_engine::{Constraint, Engine, Event, Generation, SamplingParams, SubmitError};
 
+use crate::thinking::ThinkSplitter;
 use crate::{tools, ChatEvent, ChatProvider, ChatStream, PreparedChat, Tally};
 
 /// A loaded local model.
@@ -31,7 +34,9 @@ impl LocalProvider {
 }
 
 /// Renders and tokenizes the conversation, then checks it against the context and vocabulary.
-fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiError> {
+/// A request ready for the engine, and whether its output carries a thought to read out
+/// (`Some(opened)`: the template thinks; `opened` when the prompt itself opened the thought).
+fn prepare(engine: &Engine, request: &ChatRequest) -> Result<(Generation, Option<bool>), ApiError> {
     let knows_tools = engine.template_renders_tools();
     let messages = tools::template_messages(
         &request.messages,
@@ -51,9 +56,14 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
                     .collect(),
             )
         });
+    // Templates with a thinking mode think unless the caller asked for no reasoning.
+    let enable_thinking = request.reasoning_effort != Some(ReasoningEffort::None);
     let text = engine
-        .apply_chat_template(&messages, tool_defs.as_ref())
+        .apply_chat_template(&messages, tool_defs.as_ref(), enable_thinking)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let think = engine
+        .template_thinks()
+        .then(|| text.trim_end().ends_with("<think>"));
     let prompt = engine.tokenize(&text);
     let info = engine.info();
     let prompt_len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
@@ -114,26 +124,29 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<Generation, ApiErro
             ApiError::invalid(param, format!("The JSON schema cannot be enforced: {e}"))
         })?),
     };
-    Ok(Generation {
-        prompt,
-        n: request.n,
-        max_tokens: request.max_tokens,
-        sampling: SamplingParams {
-            temperature: request.temperature,
-            top_p: request.top_p,
-            top_k: request.top_k,
-            min_p: request.min_p,
-            presence_penalty: request.presence_penalty,
-            frequency_penalty: request.frequency_penalty,
-            repetition_penalty: request.repetition_penalty,
-            logit_bias: request.logit_bias.clone(),
-            seed: request.seed,
+    Ok((
+        Generation {
+            prompt,
+            n: request.n,
+            max_tokens: request.max_tokens,
+            sampling: SamplingParams {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                top_k: request.top_k,
+                min_p: request.min_p,
+                presence_penalty: request.presence_penalty,
+                frequency_penalty: request.frequency_penalty,
+                repetition_penalty: request.repetition_penalty,
+                logit_bias: request.logit_bias.clone(),
+                seed: request.seed,
+            },
+            stop: request.stop.clone(),
+            ignore_eos: request.ignore_eos,
+            logprobs: request.logprobs,
+            grammar,
         },
-        stop: request.stop.clone(),
-        ignore_eos: request.ignore_eos,
-        logprobs: request.logprobs,
-        grammar,
-    })
+        think,
+    ))
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -177,6 +190,11 @@ struct Progress {
     /// Per choice: text held back while it may be a call, and whether it turned out plain.
     held: Vec<String>,
     plain: Vec<bool>,
+    /// Per choice, for templates that think: reads the thought out of the text.
+    thoughts: Option<Vec<ThinkSplitter>>,
+    /// Characters of reasoning and of answer, to apportion the completion tokens.
+    reasoning_chars: usize,
+    answer_chars: usize,
     pending: VecDeque<ChatEvent>,
     n: u32,
     finished: u32,
@@ -187,6 +205,60 @@ struct Progress {
 }
 
 impl Progress {
+    /// Reasoning text of a choice, sent as it comes.
+    fn reason(&mut self, choice: u32, text: String) {
+        if !text.is_empty() {
+            self.reasoning_chars += text.chars().count();
+            self.pending
+                .push_back(ChatEvent::Reasoning { choice, text });
+        }
+    }
+
+    /// Answer text of a choice: sent, or held while it may be a tool call.
+    fn on_text(&mut self, choice: u32, text: String, logprobs: Vec<TokenLogprob>) {
+        if text.is_empty() && logprobs.is_empty() {
+            return;
+        }
+        self.answer_chars += text.chars().count();
+        let c = choice as usize;
+        match self.mode {
+            ToolMode::Off => self.pending.push_back(ChatEvent::Text {
+                choice,
+                text,
+                logprobs,
+            }),
+            ToolMode::Forced { .. } => self.held[c].push_str(&text),
+            ToolMode::Auto if self.plain[c] => self.pending.push_back(ChatEvent::Text {
+                choice,
+                text,
+                logprobs,
+            }),
+            ToolMode::Auto => {
+                self.held[c].push_str(&text);
+                if !tools::may_be_call(&self.held[c]) {
+                    self.plain[c] = true;
+                    let text = std::mem::take(&mut self.held[c]);
+                    self.pending.push_back(ChatEvent::Text {
+                        choice,
+                        text,
+                        logprobs,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Completion tokens spent thinking, apportioned by characters (the engine counts tokens
+    /// per choice, not per part of the text).
+    fn reasoning_tokens(&self) -> u32 {
+        let total = self.reasoning_chars + self.answer_chars;
+        if total == 0 {
+            return 0;
+        }
+        let share = u64::from(self.completion_tokens) * self.reasoning_chars as u64 / total as u64;
+        u32::try_from(share).unwrap_or(u32::MAX)
+    }
+
     /// Turns one engine event into chat events (queued in `pending`).
     fn on_event(&mut self, ev: Event) {
         match ev {
@@ -196,33 +268,20 @@ impl Progress {
                 text,
                 logprobs,
             } => {
-                let c = choice as usize;
                 let logprobs = logprobs.into_iter().map(wire_logprob).collect();
-                match self.mode {
-                    ToolMode::Off => self.pending.push_back(ChatEvent::Text {
-                        choice,
-                        text,
-                        logprobs,
-                    }),
-                    ToolMode::Forced { .. } => self.held[c].push_str(&text),
-                    ToolMode::Auto if self.plain[c] => self.pending.push_back(ChatEvent::Text {
-                        choice,
-                        text,
-                        logprobs,
-                    }),
-                    ToolMode::Auto => {
-                        self.held[c].push_str(&text);
-                        if !tools::may_be_call(&self.held[c]) {
-                            self.plain[c] = true;
-                            let text = std::mem::take(&mut self.held[c]);
-                            self.pending.push_back(ChatEvent::Text {
-                                choice,
-                                text,
-                                logprobs,
-                            });
-                        }
+                let text = match self
+                    .thoughts
+                    .as_mut()
+                    .and_then(|t| t.get_mut(choice as usize))
+                {
+                    Some(splitter) => {
+                        let (reasoning, answer) = splitter.push(&text);
+                        self.reason(choice, reasoning);
+                        answer
                     }
-                }
+                    None => text,
+                };
+                self.on_text(choice, text, logprobs);
             }
             Event::Finished {
                 choice,
@@ -232,6 +291,16 @@ impl Progress {
             } => {
                 self.finished += 1;
                 self.completion_tokens += completion_tokens;
+                // What the thought splitter still held back.
+                if let Some(splitter) = self
+                    .thoughts
+                    .as_mut()
+                    .and_then(|t| t.get_mut(choice as usize))
+                {
+                    let (reasoning, answer) = splitter.finish();
+                    self.reason(choice, reasoning);
+                    self.on_text(choice, answer, Vec::new());
+                }
                 let mut reason = match reason {
                     parlance_engine::FinishReason::Stop => FinishReason::Stop,
                     parlance_engine::FinishReason::Length => FinishReason::Length,
@@ -315,12 +384,13 @@ impl ChatProvider for LocalProvider {
         let engine = self.engine.clone();
         let req = request.clone();
         // Templating and tokenizing are CPU work: keep them off the async runtime.
-        let generation = tokio::task::spawn_blocking(move || prepare(&engine, &req))
+        let (generation, think) = tokio::task::spawn_blocking(move || prepare(&engine, &req))
             .await
             .map_err(|_| ApiError::Internal)??;
         Ok(Box::new(LocalPrepared {
             engine: self.engine.clone(),
             generation,
+            think,
             tools: request.tools.clone(),
             tool_choice: request.tool_choice.clone(),
         }))
@@ -331,6 +401,7 @@ impl ChatProvider for LocalProvider {
 struct LocalPrepared {
     engine: Arc<Engine>,
     generation: Generation,
+    think: Option<bool>,
     tools: Vec<Tool>,
     tool_choice: ToolChoice,
 }
@@ -355,6 +426,7 @@ impl PreparedChat for LocalPrepared {
         let LocalPrepared {
             engine,
             generation,
+            think,
             tools,
             tool_choice,
         } = *self;
@@ -396,6 +468,9 @@ impl PreparedChat for LocalPrepared {
             mode,
             held: vec![String::new(); n as usize],
             plain: vec![false; n as usize],
+            thoughts: think.map(|opened| vec![ThinkSplitter::new(opened); n as usize]),
+            reasoning_chars: 0,
+            answer_chars: 0,
             pending: VecDeque::new(),
             n,
             finished: 0,
@@ -416,7 +491,8 @@ impl PreparedChat for LocalPrepared {
                     // Every choice is over: the usage comes last, then the stream ends.
                     st.done = true;
                     let usage =
-                        Usage::new(st.prompt_tokens, st.cached_tokens, st.completion_tokens);
+                        Usage::new(st.prompt_tokens, st.cached_tokens, st.completion_tokens)
+                            .with_reasoning(st.reasoning_tokens());
                     return Some((ChatEvent::Usage(usage), st));
                 }
                 match st.events.next().await {
