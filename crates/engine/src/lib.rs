@@ -88,6 +88,20 @@ pub struct Generation {
     pub logprobs: Option<u32>,
     /// Constrain the output (from [`Engine::compile`]); the choice ends when it is complete.
     pub grammar: Option<Grammar>,
+    /// A thinking budget: after this many generated tokens without the closing tokens, those
+    /// tokens are written for the model (its thought is cut short and the answer begins).
+    pub think_budget: Option<ThinkBudget>,
+}
+
+/// Cuts a thought short after a number of tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinkBudget {
+    /// Tokens the thought may take.
+    pub tokens: u32,
+    /// The tokens that close a thought (`</think>` and a line break, tokenized).
+    pub close: Vec<u32>,
+    /// The closing text (`</think>`): when the model writes it, the budget no longer applies.
+    pub close_text: String,
 }
 
 /// The log probability of one generated token, from the model's raw distribution.

@@ -144,6 +144,12 @@ struct Seq {
     leader: Option<i32>,
     /// Batch index of this sequence's logits after the current decode.
     logits_at: Option<i32>,
+    /// Tokens to write next instead of sampling (a thought cut short by its budget).
+    forced: VecDeque<u32>,
+    /// The thinking budget still to watch (`None` once the thought closed or was cut).
+    think_budget: Option<crate::ThinkBudget>,
+    /// The end of the text generated so far, while the budget is watched.
+    think_tail: String,
     done: bool,
 }
 
@@ -318,6 +324,9 @@ impl<'m> Scheduler<'m> {
                     stops: StopMatcher::new(&g.stop),
                     logprobs: AlignedQueue::default(),
                     grammar: g.grammar.as_ref().map(|g| g.0.deep_clone()),
+                    forced: VecDeque::new(),
+                    think_budget: g.think_budget.clone(),
+                    think_tail: String::new(),
                     leader,
                     logits_at: None,
                     done: false,
@@ -466,13 +475,14 @@ impl<'m> Scheduler<'m> {
                     None
                 }
             };
-            let token = match &mask {
-                Some(mask) => {
+            let token = match (s.forced.pop_front(), &mask) {
+                (Some(t), _) => t,
+                (None, Some(mask)) => {
                     // The grammar decides when the output is complete, not `ignore_eos`.
                     s.sampler
                         .sample_allowed(logits, &[], |t| mask.is_allowed(t))
                 }
-                None => s.sampler.sample(logits, banned),
+                (None, None) => s.sampler.sample(logits, banned),
             };
             s.sampler.accept(token);
             let mut grammar_done = false;
@@ -485,6 +495,26 @@ impl<'m> Scheduler<'m> {
                 }
             }
             s.generated += 1;
+            if let Some(b) = &s.think_budget {
+                // The text so far, as far back as the closing text is long.
+                self.model.piece(token, &mut self.piece);
+                s.think_tail.push_str(&String::from_utf8_lossy(&self.piece));
+                let keep = b.close_text.len() * 2;
+                if s.think_tail.len() > keep {
+                    let mut cut = s.think_tail.len() - keep;
+                    while !s.think_tail.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    s.think_tail.drain(..cut);
+                }
+                if s.think_tail.contains(b.close_text.as_str()) || b.close.is_empty() {
+                    s.think_budget = None;
+                } else if s.generated >= b.tokens {
+                    // Out of budget: the close comes next, then the answer.
+                    s.forced.extend(b.close.iter().copied());
+                    s.think_budget = None;
+                }
+            }
             let is_eog = self.model.eog.contains(&token);
             if let (Some(top), false) = (want_logprobs, is_eog) {
                 let (logprob, best) = log_probs(logits, token, top as usize);

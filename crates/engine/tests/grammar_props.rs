@@ -123,6 +123,7 @@ fn generate(grammar: parlance_engine::Grammar, seed: u64) -> (String, FinishReas
             ignore_eos: false,
             logprobs: None,
             grammar: Some(grammar),
+            think_budget: None,
         })
         .unwrap();
     let mut text = String::new();

@@ -94,3 +94,36 @@ async fn the_thought_goes_to_reasoning_content() {
     let m: Value = r.json().await.unwrap();
     assert_eq!(m["content"][0]["type"], "thinking", "{m}");
 }
+
+/// The effort sets a budget: past it the thought is closed for the model and the rest of the
+/// tokens are the answer.
+#[tokio::test]
+async fn the_effort_bounds_the_thought() {
+    let s = server();
+    let mut body = ask(Some("minimal"));
+    body["max_tokens"] = json!(160);
+    let (st, _, v) = post(&s, &body).await;
+    assert_eq!(st, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    let thought = m["reasoning_content"].as_str().unwrap();
+    let answer = m["content"].as_str().unwrap();
+    assert!(!thought.is_empty() && !answer.is_empty(), "{v}");
+    assert!(
+        !thought.contains("</think>") && !answer.contains("</think>"),
+        "{v}"
+    );
+    let reasoning = v["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 160);
+    // About 128 of the 160 tokens thought (apportioned by characters).
+    assert!((90..=150).contains(&reasoning), "{v}");
+    // `high` has no budget: the whole completion is the thought.
+    let (_, _, v) = post(&s, &{
+        let mut b = ask(Some("high"));
+        b["max_tokens"] = json!(160);
+        b
+    })
+    .await;
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+}

@@ -10,7 +10,9 @@ use parlance_api::chat::{
     ReasoningEffort, ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogprob,
 };
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
-use parlance_engine::{Constraint, Engine, Event, Generation, SamplingParams, SubmitError};
+use parlance_engine::{
+    Constraint, Engine, Event, Generation, SamplingParams, SubmitError, ThinkBudget,
+};
 
 use crate::thinking::ThinkSplitter;
 use crate::{tools, ChatEvent, ChatProvider, ChatStream, PreparedChat, Tally};
@@ -124,6 +126,22 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<(Generation, Option
             ApiError::invalid(param, format!("The JSON schema cannot be enforced: {e}"))
         })?),
     };
+    // A thought's length follows the effort (`high`: as long as the model likes). Not under an
+    // output constraint, which decides every token itself.
+    let budget = match request.reasoning_effort {
+        Some(ReasoningEffort::Minimal) => Some(128),
+        Some(ReasoningEffort::Low) => Some(512),
+        Some(ReasoningEffort::Medium) => Some(2048),
+        _ => None,
+    };
+    let think_budget = match (think, budget, &grammar) {
+        (Some(_), Some(tokens), None) => Some(ThinkBudget {
+            tokens,
+            close: engine.tokenize("\n</think>\n\n"),
+            close_text: "</think>".into(),
+        }),
+        _ => None,
+    };
     Ok((
         Generation {
             prompt,
@@ -144,6 +162,7 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<(Generation, Option
             ignore_eos: request.ignore_eos,
             logprobs: request.logprobs,
             grammar,
+            think_budget,
         },
         think,
     ))
