@@ -10,9 +10,9 @@ use parlance_api::chat::{ReasoningEffort, ToolChoice};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Role, Usage};
 use serde_json::{json, Value};
 
-use crate::endpoint::{upstream_error, Endpoint, KeyHeader};
+use crate::endpoint::{upstream_error, Call, Endpoint, KeyHeader};
 use crate::openai::estimate_prompt_tokens;
-use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
+use crate::{ChatEvent, ChatProvider, PreparedChat};
 
 /// The API version sent with every call.
 const VERSION: &str = "2023-06-01";
@@ -186,13 +186,6 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Result<Value, ApiErro
     Ok(b)
 }
 
-struct Prepared {
-    endpoint: Endpoint,
-    body: Value,
-    prompt: u32,
-    max_completion: u64,
-}
-
 #[async_trait::async_trait]
 impl ChatProvider for AnthropicUpstream {
     fn kind(&self) -> &'static str {
@@ -214,41 +207,16 @@ impl ChatProvider for AnthropicUpstream {
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let body = request_body(request, &self.endpoint.model)?;
         let prompt = estimate_prompt_tokens(request);
-        Ok(Box::new(Prepared {
+        Ok(Box::new(Call {
             endpoint: self.endpoint.clone(),
+            path: "/messages",
+            key: KeyHeader::Named("x-api-key"),
+            headers: &[("anthropic-version", VERSION)],
             body,
             prompt,
+            translator: Translation::default(),
             max_completion: u64::from(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         }))
-    }
-}
-
-#[async_trait::async_trait]
-impl PreparedChat for Prepared {
-    fn prompt_tokens(&self) -> u32 {
-        self.prompt
-    }
-
-    fn max_completion_tokens(&self) -> u64 {
-        self.max_completion
-    }
-
-    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
-        let resp = self
-            .endpoint
-            .post(
-                "/messages",
-                &self.body,
-                KeyHeader::Named("x-api-key"),
-                &[("anthropic-version", VERSION)],
-            )
-            .await?;
-        let events = crate::sse::events(resp.bytes_stream(), Translation::default());
-        Ok(ChatStream {
-            prompt_tokens: None,
-            events: Box::pin(events),
-            tally: None,
-        })
     }
 }
 

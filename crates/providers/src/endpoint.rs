@@ -7,6 +7,9 @@ use std::time::Duration;
 use parlance_api::ApiError;
 use serde_json::Value;
 
+use crate::sse::Translator;
+use crate::{ChatStream, PreparedChat};
+
 /// An upstream deployment's address and credentials.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -95,6 +98,42 @@ impl Endpoint {
             *retry_after = after;
         }
         Err(e)
+    }
+}
+
+/// A prepared upstream call: where it goes, its body, its measure, and how its events are read.
+pub(crate) struct Call<T> {
+    pub endpoint: Endpoint,
+    pub path: &'static str,
+    pub key: KeyHeader,
+    pub headers: &'static [(&'static str, &'static str)],
+    pub body: Value,
+    pub prompt: u32,
+    pub max_completion: u64,
+    pub translator: T,
+}
+
+#[async_trait::async_trait]
+impl<T: Translator> PreparedChat for Call<T> {
+    fn prompt_tokens(&self) -> u32 {
+        self.prompt
+    }
+
+    fn max_completion_tokens(&self) -> u64 {
+        self.max_completion
+    }
+
+    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
+        let resp = self
+            .endpoint
+            .post(self.path, &self.body, self.key, self.headers)
+            .await?;
+        let events = crate::sse::events(resp.bytes_stream(), self.translator);
+        Ok(ChatStream {
+            prompt_tokens: None,
+            events: Box::pin(events),
+            tally: None,
+        })
     }
 }
 

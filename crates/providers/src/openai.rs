@@ -9,8 +9,8 @@ use parlance_api::chat::{ResponseFormat, ToolChoice};
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use serde_json::{json, Value};
 
-use crate::endpoint::{upstream_error, Endpoint, KeyHeader};
-use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
+use crate::endpoint::{upstream_error, Call, Endpoint, KeyHeader};
+use crate::{ChatEvent, ChatProvider, PreparedChat};
 
 /// One OpenAI-compatible deployment.
 #[derive(Debug, Clone)]
@@ -186,13 +186,6 @@ pub fn pass_through(body: &mut Value, request: &ChatRequest, allowed: &[String])
     }
 }
 
-struct Prepared {
-    endpoint: Endpoint,
-    body: Value,
-    prompt: u32,
-    max_completion: u64,
-}
-
 #[async_trait::async_trait]
 impl ChatProvider for OpenAiUpstream {
     fn kind(&self) -> &'static str {
@@ -217,42 +210,19 @@ impl ChatProvider for OpenAiUpstream {
         let per_choice = request.max_tokens.map_or(room, |m| m.min(room).max(m));
         let mut body = request_body(request, &self.endpoint.model);
         pass_through(&mut body, request, &self.pass_through);
-        Ok(Box::new(Prepared {
+        Ok(Box::new(Call {
             endpoint: self.endpoint.clone(),
+            path: "/chat/completions",
+            key: KeyHeader::Bearer,
+            headers: &[],
             body,
             prompt,
-            max_completion: u64::from(per_choice) * u64::from(request.n),
-        }))
-    }
-}
-
-#[async_trait::async_trait]
-impl PreparedChat for Prepared {
-    fn prompt_tokens(&self) -> u32 {
-        self.prompt
-    }
-
-    fn max_completion_tokens(&self) -> u64 {
-        self.max_completion
-    }
-
-    async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
-        let resp = self
-            .endpoint
-            .post("/chat/completions", &self.body, KeyHeader::Bearer, &[])
-            .await?;
-        let events = crate::sse::events(
-            resp.bytes_stream(),
-            Translation {
-                estimated_prompt: self.prompt,
+            translator: Translation {
+                estimated_prompt: prompt,
                 ..Translation::default()
             },
-        );
-        Ok(ChatStream {
-            prompt_tokens: None,
-            events: Box::pin(events),
-            tally: None,
-        })
+            max_completion: u64::from(per_choice) * u64::from(request.n),
+        }))
     }
 }
 
