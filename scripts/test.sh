@@ -19,6 +19,7 @@ echo "== build" >&2
 cargo build -p parlance --bin parlance --example mock_upstream -j "$jobs"
 echo "== default model" >&2
 export PARLANCE_BIN="${PARLANCE_BIN:-${CARGO_TARGET_DIR:-target}/debug/parlance}"
+export PARLANCE_MOCK_UPSTREAM="${PARLANCE_MOCK_UPSTREAM:-${CARGO_TARGET_DIR:-target}/debug/examples/mock_upstream}"
 "$PARLANCE_BIN" pull
 PARLANCE_TEST_THINKING_MODEL="$(scripts/thinking-model.sh)"
 export PARLANCE_TEST_THINKING_MODEL
