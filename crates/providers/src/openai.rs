@@ -206,8 +206,10 @@ impl ChatProvider for OpenAiUpstream {
 
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let prompt = estimate_prompt_tokens(request);
+        // The caller's `max_tokens` is the bound when given (the prompt count is only an
+        // estimate); otherwise the rest of the context.
         let room = self.endpoint.context_length.saturating_sub(prompt).max(1);
-        let per_choice = request.max_tokens.map_or(room, |m| m.min(room).max(m));
+        let per_choice = request.max_tokens.unwrap_or(room);
         let mut body = request_body(request, &self.endpoint.model);
         pass_through(&mut body, request, &self.pass_through);
         Ok(Box::new(Call {
