@@ -121,6 +121,19 @@ fn exact(n: u32, content: &str) -> Value {
            "max_tokens": n, "ignore_eos": true, "temperature": 0})
 }
 
+/// Starts a streamed request that generates exactly `tokens` tokens.
+async fn stream_of(s: &Server, key: &str, tokens: u32, content: &str) -> reqwest::Response {
+    let mut body = exact(tokens, content);
+    body["stream"] = json!(true);
+    client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Waits until nothing is reserved on the account, and returns it.
 async fn settled_account(s: &Server, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -286,15 +299,7 @@ async fn credits_are_reserved_then_settled_to_real_usage() {
 async fn client_gone_mid_stream_settles_to_what_was_generated() {
     let s = priced_server(&[]);
     let (acct, key) = funded_key(&s, "acme", 100_000, json!({})).await;
-    let mut body = exact(400, "Tell me a long story.");
-    body["stream"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = stream_of(&s, &key, 400, "Tell me a long story.").await;
     assert_eq!(r.status(), 200);
     let mut chunks = r.bytes_stream();
     for _ in 0..4 {
@@ -598,14 +603,7 @@ async fn graceful_shutdown_writes_every_usage_record() {
     }
     // A stream in flight when SIGTERM arrives finishes, and its record is written by the
     // shutdown itself (the server has stopped serving by then).
-    let mut body = exact(60, "Tell me a story.");
-    body["stream"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = stream_of(&s, "unused", 60, "Tell me a story.").await;
     let mut chunks = r.bytes_stream();
     chunks.next().await.unwrap().unwrap();
     s.terminate();
@@ -652,15 +650,7 @@ async fn a_dead_replicas_holds_are_given_back() {
     let a = priced_server_env(&flags, &env);
     let b = priced_server_env(&flags, &env);
     let (acct, key) = funded_key(&b, "acme", 100_000, json!({})).await;
-    let mut body = exact(400, "Tell me a long story.");
-    body["stream"] = json!(true);
-    let r = client()
-        .post(a.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = stream_of(&a, &key, 400, "Tell me a long story.").await;
     let mut chunks = r.bytes_stream();
     chunks.next().await.unwrap().unwrap();
     let (_, held) = admin(&b, "GET", &format!("/admin/accounts/{acct}"), None).await;

@@ -62,15 +62,8 @@ async fn the_thought_goes_to_reasoning_content() {
     let mut body = ask(None);
     body["stream"] = json!(true);
     let (_, _, data) = post_stream(&s, &body).await;
-    let thought: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["reasoning_content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let thought: String =
+        common::delta_strings(&data, "/choices/0/delta/reasoning_content").concat();
     assert_eq!(thought, m["reasoning_content"].as_str().unwrap());
 
     // `none` turns thinking off: the template closes the thought and the words are the answer.

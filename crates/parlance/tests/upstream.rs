@@ -109,15 +109,7 @@ async fn plain_and_streamed_answers_come_from_the_upstream() {
     let (st, _, data) = common::post_stream(&s, &body).await;
     assert_eq!(st, 200);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let text: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let text: String = common::delta_strings(&data, "/choices/0/delta/content").concat();
     assert_eq!(text, "Hello from upstream");
 
     // No usage from the upstream: parlance counts it itself.
@@ -309,15 +301,8 @@ async fn upstream_tool_calls_reach_the_caller_in_openais_shape() {
     common::validate_with_spec(&v.to_string());
     body["stream"] = json!(true);
     let (_, _, data) = common::post_stream(&s, &body).await;
-    let fragments: Vec<String> = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let fragments =
+        common::delta_strings(&data, "/choices/0/delta/tool_calls/0/function/arguments");
     // Passed on fragment by fragment, as the upstream sent them: the naming fragment (empty
     // arguments), then the two argument fragments.
     assert_eq!(fragments, vec!["", "{\"city\":", "\"Paris\"}"]);
@@ -353,15 +338,8 @@ async fn translation_both_ways_between_the_two_apis() {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
     let (st, _, data) = common::post_stream(&s, &body).await;
     assert_eq!(st, 200);
-    let args: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let args: String =
+        common::delta_strings(&data, "/choices/0/delta/tool_calls/0/function/arguments").concat();
     assert_eq!(args, "{\"city\": \"Lyon\"}");
     assert!(data
         .iter()
@@ -473,15 +451,8 @@ async fn reasoning_from_upstreams_reaches_both_doors() {
     );
     body["stream"] = json!(true);
     let (_, _, data) = common::post_stream(&s, &body).await;
-    let thought: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["reasoning_content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let thought: String =
+        common::delta_strings(&data, "/choices/0/delta/reasoning_content").concat();
     assert_eq!(thought, "The user greets me.");
 
     // Anthropic upstream: the effort becomes a thinking budget, thinking comes back as

@@ -185,13 +185,13 @@ impl Platform {
                 }
                 Ok(Admit::Refused(s, why)) => {
                     let e = rate_limited(key, &s, why, worst_tokens);
-                    meter::refused(Some(ticket), &e);
+                    meter::refused(ticket, &e);
                     return Err(e);
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "rate limiter unavailable");
                     let e = ApiError::NotReady("The rate limiter is unavailable.".into());
-                    meter::refused(Some(ticket), &e);
+                    meter::refused(ticket, &e);
                     return Err(e);
                 }
             }
@@ -214,13 +214,13 @@ impl Platform {
                         needed: worst_cost,
                         balance,
                     };
-                    meter::refused(Some(ticket), &e);
+                    meter::refused(ticket, &e);
                     return Err(e);
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "credit reservation failed");
                     let e = ApiError::NotReady("The credit ledger is unavailable.".into());
-                    meter::refused(Some(ticket), &e);
+                    meter::refused(ticket, &e);
                     return Err(e);
                 }
             }
@@ -229,7 +229,7 @@ impl Platform {
         let mut stream = match prepared.start().await {
             Ok(s) => s,
             Err(e) => {
-                meter::refused(Some(ticket), &e);
+                meter::refused(ticket, &e);
                 return Err(e);
             }
         };

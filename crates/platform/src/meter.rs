@@ -487,12 +487,10 @@ impl Drop for Metered {
 }
 
 /// Records a refusal (402, 429, 503 at admission) as a usage record with nothing spent.
-pub(crate) fn refused(ticket: Option<Arc<Ticket>>, e: &ApiError) {
-    if let Some(t) = ticket {
-        let status = e.status(StatusConvention::OpenAi);
-        t.update(|c| {
-            c.outcome = "refused";
-            c.status = status;
-        });
-    }
+pub(crate) fn refused(ticket: Arc<Ticket>, e: &ApiError) {
+    let status = e.status(StatusConvention::OpenAi);
+    ticket.update(|c| {
+        c.outcome = "refused";
+        c.status = status;
+    });
 }

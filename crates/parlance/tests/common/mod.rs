@@ -200,6 +200,18 @@ pub async fn post_stream(
     (status, headers, sse_data(&text))
 }
 
+/// The string at `pointer` (`/choices/0/delta/content`) in each chunk of a stream that has one.
+pub fn delta_strings(data: &[String], pointer: &str) -> Vec<String> {
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v.pointer(pointer)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// The `data:` payloads of an SSE body, checking the framing on the way.
 pub fn sse_data(text: &str) -> Vec<String> {
     let mut out = Vec::new();
