@@ -23,6 +23,8 @@ struct RawMessagesRequest {
     tools: Option<Value>,
     tool_choice: Option<Value>,
     thinking: Option<Value>,
+    #[serde(flatten)]
+    app: crate::chat::RawApp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +65,16 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
             ))
         }
     };
+    let (app, labels) = raw.app.validate()?;
+    let labels = crate::chat::merge_labels(Default::default(), labels)?;
+    let given = crate::chat::Given {
+        temperature: raw.temperature.is_some(),
+        top_p: raw.top_p.is_some(),
+        max_tokens: true,
+        stop: raw.stop_sequences.is_some(),
+        top_k: raw.top_k.is_some(),
+        ..Default::default()
+    };
     let tools = parse_tools(raw.tools.as_ref())?;
     let (tool_choice, parallel_tool_calls) = parse_tool_choice(raw.tool_choice.as_ref(), &tools)?;
     if let Some(t) = &raw.thinking {
@@ -82,6 +94,8 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
             name: None,
             tool_calls: None,
             tool_call_id: None,
+            completion_id: None,
+            metadata: None,
         });
     }
     let raw_messages = raw
@@ -144,7 +158,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         frequency_penalty: 0.0,
         logit_bias: Vec::new(),
         user: raw.metadata.and_then(|m| m.user_id),
-        metadata: Default::default(),
+        metadata: labels,
         top_k,
         min_p: 0.0,
         repetition_penalty: 1.0,
@@ -157,6 +171,8 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         parallel_tool_calls,
         max_ttft_ms: None,
         extra: serde_json::Map::new(),
+        app,
+        given,
     })
 }
 
@@ -260,6 +276,8 @@ fn push_message(
                 name: None,
                 tool_calls: None,
                 tool_call_id: None,
+                completion_id: None,
+                metadata: None,
             });
             return Ok(());
         }
@@ -302,6 +320,8 @@ fn push_message(
                     name: None,
                     tool_calls: None,
                     tool_call_id: Some(id.to_owned()),
+                    completion_id: None,
+                    metadata: None,
                 });
             }
             _ => text.push_str(&text_of(&Value::Array(vec![b.clone()]), path)?),
@@ -314,6 +334,8 @@ fn push_message(
             name: None,
             tool_calls: (!calls.is_empty()).then_some(Value::Array(calls)),
             tool_call_id: None,
+            completion_id: None,
+            metadata: None,
         });
     }
     Ok(())

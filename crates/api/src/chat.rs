@@ -68,6 +68,192 @@ pub struct ChatRequest {
     /// Top-level fields this server does not know, kept as sent: an upstream configured to
     /// accept them gets them untouched; everything else ignores them.
     pub extra: serde_json::Map<String, Value>,
+    /// parlance's application-platform fields.
+    pub app: AppFields,
+    /// Which of the parameters a project or campaign may default were set by the caller.
+    pub given: Given,
+}
+
+/// The application-platform fields of a request: sessions, campaigns, tags, the project's
+/// system-prompt arguments and tool switches, and storage.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AppFields {
+    /// A server-side conversation to continue (a UUID, lower-case and hyphenated).
+    pub session_id: Option<String>,
+    /// A campaign, by id or key.
+    pub ab_campaign: Option<String>,
+    /// Free tags (at most 32, each 1 to 64 characters).
+    pub tags: Vec<String>,
+    /// Arguments of the project's system-prompt template.
+    pub system_prompt_args: Option<serde_json::Map<String, Value>>,
+    /// `false` turns all of the project's tools off.
+    pub use_tools: Option<bool>,
+    /// `tools: [{id, enabled}]`: project tools switched on or off for this request.
+    pub tool_switches: Vec<(String, bool)>,
+    /// Keep the request and response (`store: true`).
+    pub store: bool,
+    /// Whether `tool_choice` was sent (it is checked once the project's tools are known).
+    pub tool_choice_given: bool,
+}
+
+/// The parameters a project or campaign variant may give defaults for, and whether the caller
+/// set each (a default never overrides what the caller set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Given {
+    /// `temperature`.
+    pub temperature: bool,
+    /// `top_p`.
+    pub top_p: bool,
+    /// `max_tokens` / `max_completion_tokens`.
+    pub max_tokens: bool,
+    /// `stop`.
+    pub stop: bool,
+    /// `seed`.
+    pub seed: bool,
+    /// `presence_penalty`.
+    pub presence_penalty: bool,
+    /// `frequency_penalty`.
+    pub frequency_penalty: bool,
+    /// `top_k`.
+    pub top_k: bool,
+    /// `min_p`.
+    pub min_p: bool,
+    /// `repetition_penalty`.
+    pub repetition_penalty: bool,
+    /// `reasoning_effort`.
+    pub reasoning_effort: bool,
+    /// `response_format`.
+    pub response_format: bool,
+    /// `max_ttft_ms`.
+    pub max_ttft_ms: bool,
+}
+
+/// The fields a project's or campaign variant's `params` may set.
+pub const DEFAULTABLE: &[&str] = &[
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "reasoning_effort",
+    "response_format",
+    "max_ttft_ms",
+];
+
+impl ChatRequest {
+    /// Takes each parameter the caller did not set from `defaults` (parsed with
+    /// [`parse_defaults`]).
+    pub fn apply_defaults(&mut self, defaults: &ChatRequest) {
+        let (g, d) = (self.given, &defaults.given);
+        if !g.temperature && d.temperature {
+            self.temperature = defaults.temperature;
+        }
+        if !g.top_p && d.top_p {
+            self.top_p = defaults.top_p;
+        }
+        if !g.max_tokens && d.max_tokens {
+            self.max_tokens = defaults.max_tokens;
+        }
+        if !g.stop && d.stop {
+            self.stop = defaults.stop.clone();
+        }
+        if !g.seed && d.seed {
+            self.seed = defaults.seed;
+        }
+        if !g.presence_penalty && d.presence_penalty {
+            self.presence_penalty = defaults.presence_penalty;
+        }
+        if !g.frequency_penalty && d.frequency_penalty {
+            self.frequency_penalty = defaults.frequency_penalty;
+        }
+        if !g.top_k && d.top_k {
+            self.top_k = defaults.top_k;
+        }
+        if !g.min_p && d.min_p {
+            self.min_p = defaults.min_p;
+        }
+        if !g.repetition_penalty && d.repetition_penalty {
+            self.repetition_penalty = defaults.repetition_penalty;
+        }
+        if !g.reasoning_effort && d.reasoning_effort {
+            self.reasoning_effort = defaults.reasoning_effort;
+        }
+        if !g.response_format && d.response_format {
+            self.response_format = defaults.response_format.clone();
+        }
+        if !g.max_ttft_ms && d.max_ttft_ms {
+            self.max_ttft_ms = defaults.max_ttft_ms;
+        }
+        self.given = Given {
+            temperature: g.temperature || d.temperature,
+            top_p: g.top_p || d.top_p,
+            max_tokens: g.max_tokens || d.max_tokens,
+            stop: g.stop || d.stop,
+            seed: g.seed || d.seed,
+            presence_penalty: g.presence_penalty || d.presence_penalty,
+            frequency_penalty: g.frequency_penalty || d.frequency_penalty,
+            top_k: g.top_k || d.top_k,
+            min_p: g.min_p || d.min_p,
+            repetition_penalty: g.repetition_penalty || d.repetition_penalty,
+            reasoning_effort: g.reasoning_effort || d.reasoning_effort,
+            response_format: g.response_format || d.response_format,
+            max_ttft_ms: g.max_ttft_ms || d.max_ttft_ms,
+        };
+    }
+
+    /// Checks `tool_choice` against the tools finally offered (the caller's plus a project's):
+    /// `tool_choice` without tools and a named function that is not offered are 400s.
+    pub fn check_tool_choice(&self) -> Result<(), ApiError> {
+        if self.tools.is_empty() && self.app.tool_choice_given {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "'tool_choice' is only allowed when 'tools' are specified.",
+            ));
+        }
+        if let ToolChoice::Named(name) = &self.tool_choice {
+            if !self.tools.iter().any(|t| &t.name == name) {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("Invalid 'tool_choice': no function named '{name}' in 'tools'."),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Validates a project's or campaign variant's default parameters (an object holding only
+/// [`DEFAULTABLE`] fields, each valid as in a request) into a request whose `given` says which
+/// were set.
+pub fn parse_defaults(params: &Value) -> Result<ChatRequest, ApiError> {
+    let Some(obj) = params.as_object() else {
+        return Err(ApiError::malformed(
+            "Invalid type for 'params': expected an object.",
+            Some("params".into()),
+        ));
+    };
+    if let Some(k) = obj.keys().find(|k| !DEFAULTABLE.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            format!("params.{k}"),
+            format!(
+                "'{k}' cannot be a default parameter; allowed: {}.",
+                DEFAULTABLE.join(", ")
+            ),
+        ));
+    }
+    let mut body = obj.clone();
+    body.insert("model".into(), Value::String("defaults".into()));
+    body.insert(
+        "messages".into(),
+        serde_json::json!([{"role": "user", "content": "-"}]),
+    );
+    validate(deserialize(&Value::Object(body))?)
 }
 
 /// The top-level fields of a chat request this server reads.
@@ -108,6 +294,12 @@ const KNOWN_FIELDS: &[&str] = &[
     "prediction",
     "web_search_options",
     "service_tier",
+    "labels",
+    "tags",
+    "session_id",
+    "ab_campaign",
+    "system_prompt_args",
+    "use_tools",
 ];
 
 /// A function tool.
@@ -201,6 +393,12 @@ pub struct Message {
     /// The call a tool message answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// The completion an assistant message came from (parlance's sessions and feedback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_id: Option<String>,
+    /// Free data the caller attached to the message (kept with a session's history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
 }
 
 /// The body as it arrives; unknown fields are ignored. Fields whose shape needs a precise
@@ -237,12 +435,64 @@ struct RawRequest {
     functions: Option<Value>,
     function_call: Option<Value>,
     response_format: Option<Value>,
-    store: Option<bool>,
     modalities: Option<Vec<String>>,
     audio: Option<Value>,
     prediction: Option<Value>,
     web_search_options: Option<Value>,
     service_tier: Option<String>,
+    #[serde(flatten)]
+    app: RawApp,
+}
+
+/// The application-platform fields, read the same way by both doors.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawApp {
+    labels: Option<BTreeMap<String, Value>>,
+    tags: Option<Vec<String>>,
+    session_id: Option<String>,
+    ab_campaign: Option<String>,
+    system_prompt_args: Option<Value>,
+    use_tools: Option<bool>,
+    store: Option<bool>,
+}
+
+impl RawApp {
+    /// The validated fields, and the labels (merged into `metadata` by the caller).
+    pub(crate) fn validate(self) -> Result<(AppFields, BTreeMap<String, String>), ApiError> {
+        let labels = parse_metadata("labels", self.labels)?;
+        let app = AppFields {
+            session_id: self
+                .session_id
+                .as_deref()
+                .map(parse_session_id)
+                .transpose()?,
+            ab_campaign: match self.ab_campaign {
+                Some(c) if c.is_empty() || c.len() > 128 => {
+                    return Err(ApiError::invalid(
+                        "ab_campaign",
+                        "Invalid 'ab_campaign': expected a campaign id or key of 1 to 128 characters.",
+                    ))
+                }
+                c => c,
+            },
+            tags: parse_tags(self.tags)?,
+            system_prompt_args: match self.system_prompt_args {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(m)) => Some(m),
+                Some(_) => {
+                    return Err(ApiError::malformed(
+                        "Invalid type for 'system_prompt_args': expected an object.",
+                        Some("system_prompt_args".into()),
+                    ))
+                }
+            },
+            use_tools: self.use_tools,
+            tool_switches: Vec::new(),
+            store: self.store.unwrap_or(false),
+            tool_choice_given: false,
+        };
+        Ok((app, labels))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,7 +538,7 @@ fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// `T` from a JSON value; wrong types are 400s naming the path.
-fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::malformed(
@@ -377,6 +627,7 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    let stop_given = !matches!(raw.stop, None | Some(Value::Null));
     let stop = parse_stop(raw.stop)?;
     let logit_bias = raw
         .logit_bias
@@ -406,7 +657,23 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
-    let metadata = parse_metadata(raw.metadata)?;
+    let given = Given {
+        temperature: raw.temperature.is_some(),
+        top_p: raw.top_p.is_some(),
+        max_tokens: raw.max_tokens.is_some() || raw.max_completion_tokens.is_some(),
+        stop: stop_given,
+        seed: raw.seed.is_some(),
+        presence_penalty: raw.presence_penalty.is_some(),
+        frequency_penalty: raw.frequency_penalty.is_some(),
+        top_k: raw.top_k.is_some(),
+        min_p: raw.min_p.is_some(),
+        repetition_penalty: raw.repetition_penalty.is_some(),
+        reasoning_effort: raw.reasoning_effort.is_some(),
+        response_format: !matches!(raw.response_format, None | Some(Value::Null)),
+        max_ttft_ms: raw.max_ttft_ms.is_some(),
+    };
+    let (app, labels) = raw.app.validate()?;
+    let metadata = merge_labels(parse_metadata("metadata", raw.metadata)?, labels)?;
     let max_ttft_ms = match raw.max_ttft_ms {
         None => None,
         Some(ms) if (1..=600_000).contains(&ms) => Some(ms as u64),
@@ -475,30 +742,33 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         }
         _ => None,
     };
-    let tools = match &raw.tools {
-        None => Vec::new(),
+    // `tools` holds function tools and, as parlance's extension, switches of a project's tools
+    // (`{"id": ..., "enabled": ...}`, no `type`).
+    let mut tools = Vec::new();
+    let mut tool_switches = Vec::new();
+    match &raw.tools {
+        None => {}
         Some(t) if t.is_empty() => {
             return Err(ApiError::invalid(
                 "tools",
                 "Invalid 'tools': empty array. Expected an array with minimum length 1, or omit the parameter.",
             ))
         }
-        Some(t) => t
-            .iter()
-            .enumerate()
-            .map(|(i, v)| parse_tool(i, v))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    let tool_choice = match (&raw.tool_choice, tools.is_empty()) {
-        (None | Some(Value::Null), true) => ToolChoice::None,
-        (Some(_), true) => {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "'tool_choice' is only allowed when 'tools' are specified.",
-            ))
+        Some(t) => {
+            for (i, v) in t.iter().enumerate() {
+                if v.get("type").is_none() && v.get("id").is_some() {
+                    tool_switches.push(parse_tool_switch(i, v)?);
+                } else {
+                    tools.push(parse_tool(i, v)?);
+                }
+            }
         }
-        (None | Some(Value::Null), false) => ToolChoice::Auto,
-        (Some(c), false) => parse_tool_choice(c, &tools)?,
+    }
+    let tool_choice_given = !matches!(raw.tool_choice, None | Some(Value::Null));
+    let tool_choice = match &raw.tool_choice {
+        None | Some(Value::Null) if tools.is_empty() => ToolChoice::None,
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(c) => parse_tool_choice(c)?,
     };
     let parallel_tool_calls = raw.parallel_tool_calls.unwrap_or(true);
     if raw.functions.is_some() {
@@ -511,9 +781,6 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         None | Some(Value::Null) => None,
         Some(rf) => parse_response_format(rf)?,
     };
-    if raw.store == Some(true) {
-        return Err(unsupported("store", "(stored completions)"));
-    }
     if let Some(m) = &raw.modalities {
         if m.iter().any(|x| x != "text") {
             return Err(unsupported("modalities", "(only 'text' output)"));
@@ -565,11 +832,82 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         parallel_tool_calls,
         max_ttft_ms,
         extra: serde_json::Map::new(),
+        app: AppFields {
+            tool_switches,
+            tool_choice_given,
+            ..app
+        },
+        given,
     })
 }
 
+/// A session id: a UUID, any case, with or without hyphens; kept lower-case and hyphenated.
+pub fn parse_session_id(s: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| {
+            ApiError::invalid(
+                "session_id",
+                format!("Invalid 'session_id': '{s}' is not a UUID."),
+            )
+        })
+}
+
+fn parse_tags(v: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
+    let tags = v.unwrap_or_default();
+    if tags.len() > 32 {
+        return Err(ApiError::invalid(
+            "tags",
+            format!(
+                "Invalid 'tags': {} tags; at most 32 are allowed.",
+                tags.len()
+            ),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(tags.len());
+    for (i, t) in tags.into_iter().enumerate() {
+        if t.is_empty() || t.chars().count() > 64 {
+            return Err(ApiError::invalid(
+                format!("tags[{i}]"),
+                format!("Invalid 'tags[{i}]': a tag is 1 to 64 characters."),
+            ));
+        }
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// `labels` is an alias of `metadata`: both may be given if they agree.
+pub(crate) fn merge_labels(
+    mut metadata: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    for (k, v) in labels {
+        match metadata.get(&k) {
+            Some(old) if old != &v => {
+                return Err(ApiError::invalid(
+                    format!("labels.{k}"),
+                    format!("'labels' is an alias of 'metadata', and they disagree on '{k}'."),
+                ))
+            }
+            _ => {
+                metadata.insert(k, v);
+            }
+        }
+    }
+    if metadata.len() > 16 {
+        return Err(ApiError::invalid(
+            "metadata",
+            "Invalid 'metadata': too many properties. Expected an object with at most 16 properties.",
+        ));
+    }
+    Ok(metadata)
+}
+
 /// Names of functions and schemas: 1 to 64 of a-z, A-Z, 0-9, `_`, `-`.
-pub(crate) fn valid_function_name(name: &str) -> bool {
+pub fn valid_function_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -630,7 +968,9 @@ fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
     })
 }
 
-fn parse_tool_choice(c: &Value, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
+/// `tool_choice`'s shape; whether a named function is offered is checked by
+/// [`ChatRequest::check_tool_choice`] once a project's tools are known.
+fn parse_tool_choice(c: &Value) -> Result<ToolChoice, ApiError> {
     let bad = || {
         ApiError::invalid(
             "tool_choice",
@@ -653,16 +993,41 @@ fn parse_tool_choice(c: &Value, tools: &[Tool]) -> Result<ToolChoice, ApiError> 
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
                 .ok_or_else(bad)?;
-            if !tools.iter().any(|t| t.name == name) {
-                return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!("Invalid 'tool_choice': no function named '{name}' in 'tools'."),
-                ));
-            }
             Ok(ToolChoice::Named(name.to_owned()))
         }
         _ => Err(bad()),
     }
+}
+
+/// `{"id": "...", "enabled": bool}`: a project tool switched on or off.
+fn parse_tool_switch(i: usize, v: &Value) -> Result<(String, bool), ApiError> {
+    let at = |f: &str| format!("tools[{i}].{f}");
+    let id = v.get("id").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::malformed(
+            format!("Invalid type for '{}': expected a string.", at("id")),
+            Some(at("id")),
+        )
+    })?;
+    let enabled = match v.get("enabled") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::malformed(
+                format!("Invalid type for '{}': expected a boolean.", at("enabled")),
+                Some(at("enabled")),
+            ))
+        }
+    };
+    if let Some(k) = v
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "id" | "enabled")))
+    {
+        return Err(ApiError::invalid(
+            at(k),
+            format!("Invalid '{}': a tool switch is {{\"id\", \"enabled\"}}; function tools need \"type\": \"function\".", at(k)),
+        ));
+    }
+    Ok((id.to_owned(), enabled))
 }
 
 fn parse_response_format(rf: &Value) -> Result<Option<ResponseFormat>, ApiError> {
@@ -744,6 +1109,7 @@ fn parse_stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
 }
 
 fn parse_metadata(
+    field: &str,
     v: Option<BTreeMap<String, Value>>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(map) = v else {
@@ -751,34 +1117,35 @@ fn parse_metadata(
     };
     if map.len() > 16 {
         return Err(ApiError::invalid(
-            "metadata",
-            "Invalid 'metadata': too many properties. Expected an object with at most 16 properties.",
+            field,
+            format!("Invalid '{field}': too many properties. Expected an object with at most 16 properties."),
         ));
     }
     map.into_iter()
         .map(|(k, v)| {
             if k.chars().count() > 64 {
                 return Err(ApiError::invalid(
-                    "metadata",
-                    format!("Invalid 'metadata': key '{k}' is longer than 64 characters."),
+                    field,
+                    format!("Invalid '{field}': key '{k}' is longer than 64 characters."),
                 ));
             }
             match v {
                 Value::String(s) if s.chars().count() <= 512 => Ok((k, s)),
                 Value::String(_) => Err(ApiError::invalid(
-                    format!("metadata.{k}"),
-                    format!("Invalid 'metadata.{k}': string longer than 512 characters."),
+                    format!("{field}.{k}"),
+                    format!("Invalid '{field}.{k}': string longer than 512 characters."),
                 )),
                 _ => Err(ApiError::malformed(
-                    format!("Invalid type for 'metadata.{k}': expected a string."),
-                    Some(format!("metadata.{k}")),
+                    format!("Invalid type for '{field}.{k}': expected a string."),
+                    Some(format!("{field}.{k}")),
                 )),
             }
         })
         .collect()
 }
 
-fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
+/// One message of a request (`messages[i]`), also used to read a stored session's history.
+pub fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
     let at = |field: &str| format!("messages[{i}].{field}");
     let obj = m.as_object().ok_or_else(|| {
         ApiError::malformed(
@@ -902,12 +1269,25 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             ))
         }
     };
+    let completion_id = match obj.get("completion_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::malformed(
+                format!("Invalid type for '{}': expected a string.", at("completion_id")),
+                Some(at("completion_id")),
+            ))
+        }
+    };
+    let metadata = obj.get("metadata").filter(|v| !v.is_null()).cloned();
     Ok(Message {
         role,
         content,
         name,
         tool_calls,
         tool_call_id,
+        completion_id,
+        metadata,
     })
 }
 
@@ -1014,6 +1394,9 @@ pub struct ChatCompletion {
     pub system_fingerprint: String,
     /// The tier that served the request.
     pub service_tier: &'static str,
+    /// parlance: the server-side session this turn belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 /// One choice.
@@ -1027,6 +1410,9 @@ pub struct Choice {
     pub logprobs: Option<ChoiceLogprobs>,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// parlance: this choice's id, for feedback and sessions (a UUID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_id: Option<String>,
 }
 
 /// `logprobs` of a choice or a chunk.
@@ -1065,6 +1451,9 @@ pub struct TopLogprob {
 /// The assistant's message.
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
+    /// parlance: the message's id (as kept in a session's history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Always `assistant`.
     pub role: &'static str,
     /// The text.
@@ -1145,6 +1534,9 @@ pub struct ChatCompletionChunk {
     /// Present only when usage was asked for: null on every chunk but the last.
     #[serde(skip_serializing_if = "UsageField::is_absent")]
     pub usage: UsageField,
+    /// parlance: the server-side session this turn belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 /// The `usage` field of a chunk: absent, null, or set.
@@ -1184,6 +1576,9 @@ pub struct ChunkChoice {
     pub logprobs: Option<ChoiceLogprobs>,
     /// Set on the choice's last chunk only.
     pub finish_reason: Option<FinishReason>,
+    /// parlance: the choice's id, on its first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_id: Option<String>,
 }
 
 /// What a chunk adds.
@@ -1208,8 +1603,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Parsed and checked as the platform does for a request without a project.
     fn parse(v: Value) -> Result<ChatRequest, ApiError> {
-        parse_chat_request(v.to_string().as_bytes())
+        let r = parse_chat_request(v.to_string().as_bytes())?;
+        r.check_tool_choice()?;
+        Ok(r)
     }
 
     fn base() -> Value {
@@ -1353,6 +1751,80 @@ mod tests {
     }
 
     #[test]
+    fn platform_fields() {
+        let r = parse(json!({
+            "model": "proj/m", "messages": [{"role": "user", "content": "hi", "completion_id": "c1", "metadata": {"a": 1}}],
+            "session_id": "3C90C3CC0D444B5088888DD25736052A", "ab_campaign": "spring",
+            "labels": {"team": "a"}, "metadata": {"env": "prod"}, "tags": ["x", "y", "x"],
+            "system_prompt_args": {"name": "Ada"}, "use_tools": false,
+            "tools": [{"id": "search", "enabled": false}, {"id": "clock"}], "store": true
+        }))
+        .unwrap();
+        assert_eq!(
+            r.app.session_id.as_deref(),
+            Some("3c90c3cc-0d44-4b50-8888-8dd25736052a")
+        );
+        assert_eq!(r.app.ab_campaign.as_deref(), Some("spring"));
+        assert_eq!(r.metadata.len(), 2);
+        assert_eq!(r.app.tags, vec!["x".to_owned(), "y".to_owned()]);
+        assert_eq!(r.app.system_prompt_args.unwrap()["name"], "Ada");
+        assert_eq!(r.app.use_tools, Some(false));
+        assert_eq!(
+            r.app.tool_switches,
+            vec![("search".to_owned(), false), ("clock".to_owned(), true)]
+        );
+        assert!(r.tools.is_empty());
+        assert!(r.app.store);
+        assert_eq!(r.messages[0].completion_id.as_deref(), Some("c1"));
+        // Errors name the field.
+        let param = |f: &str, v: Value| err(with(f, v)).param();
+        assert_eq!(param("session_id", json!("nope")).as_deref(), Some("session_id"));
+        assert_eq!(param("tags", json!(vec!["t"; 33])).as_deref(), Some("tags"));
+        assert_eq!(param("tags", json!(["ok", ""])).as_deref(), Some("tags[1]"));
+        assert_eq!(
+            param("system_prompt_args", json!("x")).as_deref(),
+            Some("system_prompt_args")
+        );
+        assert_eq!(param("ab_campaign", json!("")).as_deref(), Some("ab_campaign"));
+        assert_eq!(
+            param("tools", json!([{"id": "a", "enabled": "yes"}])).as_deref(),
+            Some("tools[0].enabled")
+        );
+        assert_eq!(
+            param("tools", json!([{"id": "a", "function": {}}])).as_deref(),
+            Some("tools[0].function")
+        );
+        // `labels` is `metadata` by another name: they may not disagree.
+        let mut b = with("labels", json!({"k": "1"}));
+        b["metadata"] = json!({"k": "2"});
+        assert_eq!(err(b).param().as_deref(), Some("labels.k"));
+        let mut b = with("labels", json!({"k": "1"}));
+        b["metadata"] = json!({"k": "1"});
+        assert_eq!(parse(b).unwrap().metadata.len(), 1);
+    }
+
+    #[test]
+    fn defaults_fill_only_what_the_caller_left_out() {
+        let d = parse_defaults(&json!({"temperature": 0.2, "max_tokens": 50, "stop": ["END"]}))
+            .unwrap();
+        let mut r = parse(with("temperature", json!(0.9))).unwrap();
+        r.apply_defaults(&d);
+        assert_eq!(r.temperature, 0.9);
+        assert_eq!(r.max_tokens, Some(50));
+        assert_eq!(r.stop, vec!["END".to_owned()]);
+        assert_eq!(r.top_p, 1.0);
+        assert!(r.given.max_tokens && !r.given.top_p);
+        assert_eq!(
+            parse_defaults(&json!({"messages": []})).unwrap_err().param().as_deref(),
+            Some("params.messages")
+        );
+        assert_eq!(
+            parse_defaults(&json!({"temperature": 7})).unwrap_err().param().as_deref(),
+            Some("temperature")
+        );
+    }
+
+    #[test]
     fn unknown_fields_ignored_known_unhonoured_refused() {
         assert!(parse(with("some_future_field", json!({"a": 1}))).is_ok());
         assert_eq!(
@@ -1367,11 +1839,8 @@ mod tests {
             err(with("top_logprobs", json!(2))).param().as_deref(),
             Some("top_logprobs")
         );
-        assert_eq!(
-            err(with("store", json!(true))).code(),
-            Some("unsupported_parameter")
-        );
-        assert!(parse(with("store", json!(false))).is_ok());
+        assert_eq!(parse(with("store", json!(true))).map(|r| r.app.store), Ok(true));
+        assert_eq!(parse(with("store", json!(false))).map(|r| r.app.store), Ok(false));
         assert!(parse(with("reasoning_effort", json!("low"))).is_ok());
         assert_eq!(
             parse(with("response_format", json!({"type": "json_object"})))
@@ -1445,6 +1914,7 @@ mod tests {
             service_tier: "default",
             choices: vec![],
             usage,
+            session_id: None,
         };
         let v = serde_json::to_value(mk(UsageField::Absent)).unwrap_or_default();
         assert!(v.get("usage").is_none());

@@ -90,6 +90,17 @@ pub enum ApiError {
     /// A resource of the admin or platform API does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A resource a request field names does not exist (or belongs to another account, which
+    /// must not be told apart from not existing).
+    #[error("{message}")]
+    Missing {
+        /// What is missing.
+        message: String,
+        /// The field that named it.
+        param: &'static str,
+        /// A stable code (`session_not_found`, `campaign_not_found`…).
+        code: &'static str,
+    },
     /// The admin API refused the token.
     #[error("{0}")]
     AdminUnauthorized(String),
@@ -227,7 +238,7 @@ impl ApiError {
             ApiError::NotReady(_) => 503,
             ApiError::InsufficientBalance { .. } => 402,
             ApiError::RateLimited { .. } => 429,
-            ApiError::NotFound(_) => 404,
+            ApiError::NotFound(_) | ApiError::Missing { .. } => 404,
             ApiError::AdminUnauthorized(_) => 401,
             ApiError::Conflict(_) => 409,
             // The caller's own mistakes keep their status; an upstream that is over its limits
@@ -254,6 +265,7 @@ impl ApiError {
             | ApiError::MethodNotAllowed(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::NotFound(_)
+            | ApiError::Missing { .. }
             | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::Unauthorized(_) | ApiError::AdminUnauthorized(_) => "authentication_error",
             ApiError::InsufficientBalance { .. } => "insufficient_balance",
@@ -290,6 +302,7 @@ impl ApiError {
             ApiError::InsufficientBalance { .. } => Some("insufficient_balance"),
             ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
             ApiError::NotFound(_) => Some("not_found"),
+            ApiError::Missing { code, .. } => Some(code),
             ApiError::AdminUnauthorized(_) => Some("invalid_admin_token"),
             ApiError::Conflict(_) => Some("conflict"),
             ApiError::Upstream {
@@ -311,6 +324,7 @@ impl ApiError {
             }
             ApiError::ContextLengthExceeded { .. } => Some("messages".into()),
             ApiError::ModelNotFound(_) => Some("model".into()),
+            ApiError::Missing { param, .. } => Some((*param).into()),
             ApiError::Unauthorized(_)
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed(_)

@@ -6,5 +6,8 @@ pub mod chat;
 pub mod error;
 pub mod models;
 
-pub use chat::{parse_body, parse_chat_request, ChatRequest, FinishReason, Message, Role, Usage};
+pub use chat::{
+    parse_body, parse_chat_request, parse_defaults, parse_session_id, AppFields, ChatRequest,
+    FinishReason, Given, Message, Role, Usage,
+};
 pub use error::{reset_duration, ApiError, RateLimitHeaders, StatusConvention};

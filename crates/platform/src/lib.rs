@@ -1,17 +1,32 @@
 //! The domain: which models exist (the catalog), who may call (authentication), what they may
-//! spend (credits, rate limits), and the one function handlers call to start a chat
-//! completion: resolve, prepare, limit, reserve, start, and meter until it settles.
+//! spend (credits, rate limits), the application layer over them (projects, templates,
+//! sessions, campaigns, stored completions, project tools), and the one function handlers call
+//! to start a chat completion: resolve, prepare, limit, reserve, start, and meter until it
+//! settles.
 
 mod admin;
+mod apps_api;
+mod assemble;
 mod auth;
 mod catalog;
+mod conversation;
+mod httptool;
+pub mod ids;
 mod meter;
 mod pricing;
+mod projects;
+mod prompt;
+mod resolve;
 
 pub use admin::NewKey;
+pub use apps_api::{CompletionList, FeedbackInput};
+pub use assemble::{Assembly, ChoiceOutput, ResponseMeta};
 pub use auth::{hash_secret, Authenticator, Keys, Principal, StaticKeys, KEY_CACHE_TTL};
 pub use catalog::{Catalog, CatalogEntry};
 pub use pricing::Price;
+pub use projects::{
+    CampaignSpec, HttpTool, ProjectSpec, ProjectTool, Sticky, Variant, APP_CACHE_TTL,
+};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +49,30 @@ pub struct Platform {
     /// Request and token counters.
     pub limiter: Arc<Limiter>,
     meter: Arc<Meter>,
+    apps: Arc<projects::Apps>,
+    /// The client for project tools parlance calls.
+    http: reqwest::Client,
+}
+
+/// What a usage record says about the application layer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UsageTags {
+    pub project_id: Option<String>,
+    pub campaign_id: Option<String>,
+    pub variant: Option<String>,
+    pub session_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub tags: Vec<String>,
+}
+
+pub(crate) fn unavailable(e: parlance_store::StoreError) -> ApiError {
+    match e {
+        parlance_store::StoreError::NotFound(what) => ApiError::NotFound(format!("No such {what}.")),
+        e => {
+            tracing::error!(error = %e, "the database is unavailable");
+            ApiError::NotReady("The database is unavailable.".into())
+        }
+    }
 }
 
 impl std::fmt::Debug for Platform {
@@ -57,6 +96,12 @@ pub struct Started {
     pub request_id: String,
     /// The key's standing against its limits, for the `x-ratelimit-*` headers.
     pub rate_limit: Option<RateLimitHeaders>,
+    /// The model to name in the response, when a project or campaign chose it.
+    pub model: Option<String>,
+    /// The server-side session this turn belongs to.
+    pub session_id: Option<String>,
+    /// Unix seconds, for `created`.
+    pub created: u64,
 }
 
 fn headers(s: &LimitState) -> RateLimitHeaders {
@@ -115,22 +160,78 @@ impl Platform {
     ) -> Self {
         let limiter = Arc::new(limiter);
         let meter = Arc::new(Meter::start(store.clone(), limiter.clone()));
+        let apps = Arc::new(projects::Apps::new(store.clone()));
         Self {
             catalog: Arc::new(catalog),
             auth,
             store,
             limiter,
             meter,
+            apps,
+            http: reqwest::Client::new(),
         }
     }
 
-    /// Resolves the model, prepares the request, checks the key's limits, reserves the
-    /// worst-case cost, and starts the completion. Refusals come back as errors (402, 429,
-    /// 503) before any model work is done.
+    /// Resolves the project, campaign, session and model, prepares the request, checks the
+    /// key's limits, reserves the worst-case cost, and starts the completion. Refusals come
+    /// back as errors (400, 402, 404, 429, 503) before any model work is done.
     pub async fn chat(
         &self,
         principal: &Principal,
         request: &ChatRequest,
+    ) -> Result<Started, ApiError> {
+        let mut resolved = request.clone();
+        let ctx = self.resolve_app(principal, &mut resolved).await?;
+        let request_id = ids::new_request_id();
+        let tags = UsageTags {
+            project_id: ctx.project_id(),
+            campaign_id: ctx.campaign_id(),
+            variant: ctx.variant(),
+            session_id: ctx.session.as_ref().map(|s| s.0.clone()),
+            parent_id: None,
+            tags: resolved.app.tags.clone(),
+        };
+        let mut started = self
+            .chat_once(principal, &resolved, tags.clone(), request_id.clone())
+            .await?;
+        started.model = ctx.response_model.clone();
+        started.session_id = ctx.session.as_ref().map(|s| s.0.clone());
+        if ctx.needs_driver(&resolved) {
+            let meta = ResponseMeta {
+                id: format!("chatcmpl-{request_id}"),
+                created: started.created,
+                model: started.model.clone().unwrap_or_else(|| request.model.clone()),
+                fingerprint: started.fingerprint.clone(),
+                request_id,
+                session_id: started.session_id.clone(),
+            };
+            let first = std::mem::replace(
+                &mut started.stream.events,
+                Box::pin(futures::stream::empty()),
+            );
+            started.stream.events = conversation::drive(
+                conversation::Drive {
+                    platform: self.clone(),
+                    principal: principal.clone(),
+                    request: resolved,
+                    caller: request.clone(),
+                    ctx,
+                    tags,
+                    meta,
+                },
+                first,
+            );
+        }
+        Ok(started)
+    }
+
+    /// One provider call of a request: prepare, limit, reserve, start, meter.
+    pub(crate) async fn chat_once(
+        &self,
+        principal: &Principal,
+        request: &ChatRequest,
+        tags: UsageTags,
+        request_id: String,
     ) -> Result<Started, ApiError> {
         let arrived = Instant::now();
         let created_at = parlance_store::now_ms();
@@ -144,7 +245,6 @@ impl Platform {
         let prepared = entry.provider.prepare(request).await?;
         let prompt_tokens = prepared.prompt_tokens();
         let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
-        let request_id = uuid::Uuid::now_v7().simple().to_string();
         let ticket = self.meter.ticket(Closing {
             request_id: request_id.clone(),
             created_at,
@@ -155,6 +255,7 @@ impl Platform {
             provider: entry.provider.kind(),
             user: request.user.clone(),
             labels: request.metadata.clone(),
+            tags,
             price: entry.price,
             reserved: 0,
             rate: None,
@@ -248,6 +349,9 @@ impl Platform {
             fingerprint: entry.provider.fingerprint(),
             request_id,
             rate_limit,
+            model: None,
+            session_id: None,
+            created: u64::try_from(created_at / 1000).unwrap_or(0),
         })
     }
 

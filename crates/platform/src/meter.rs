@@ -36,6 +36,7 @@ pub(crate) struct Closing {
     pub provider: &'static str,
     pub user: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub tags: crate::UsageTags,
     pub price: Price,
     /// Micro-units held for this request (0: nothing was reserved).
     pub reserved: i64,
@@ -268,6 +269,12 @@ fn close(c: Closing) -> (Option<Settlement>, UsageRecord, Option<(String, u64, u
         outcome: c.outcome.to_owned(),
         user: c.user,
         labels: c.labels,
+        project_id: c.tags.project_id,
+        campaign_id: c.tags.campaign_id,
+        variant: c.tags.variant,
+        session_id: c.tags.session_id,
+        parent_id: c.tags.parent_id,
+        tags: c.tags.tags,
     };
     (settlement, record, refund)
 }

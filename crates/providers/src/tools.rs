@@ -224,6 +224,8 @@ mod tests {
                 name: None,
                 tool_calls: None,
                 tool_call_id: None,
+                completion_id: None,
+                metadata: None,
             },
             Message {
                 role: Role::Assistant,
@@ -233,6 +235,8 @@ mod tests {
                     json!([{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}]),
                 ),
                 tool_call_id: None,
+                completion_id: None,
+                metadata: None,
             },
             Message {
                 role: Role::Tool,
@@ -240,6 +244,8 @@ mod tests {
                 name: None,
                 tool_calls: None,
                 tool_call_id: Some("c1".into()),
+                completion_id: None,
+                metadata: None,
             },
         ];
         let out = template_messages(&messages, &tools(), &ToolChoice::Auto, false);

@@ -165,7 +165,7 @@ fn seconds(name: &str, v: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be a Unix time in seconds.")))
 }
 
-/// `GET /admin/usage?model=&key=&account=&user=&label=NAME:VALUE&since=&until=&group_by=`.
+/// `GET /admin/usage?model=&key=&account=&user=&project=&campaign=&variant=&session=&tag=&label=NAME:VALUE&since=&until=&group_by=`.
 pub(crate) async fn usage(
     State(state): State<Arc<AppState>>,
     Query(pairs): Query<Vec<(String, String)>>,
@@ -179,6 +179,15 @@ pub(crate) async fn usage(
                 q.account_id = Some(state.platform.account(&v).await?.id);
             }
             "user" => q.user = Some(v),
+            "project" | "project_id" => {
+                q.project_id = Some(state.platform.project_id(&v).await?);
+            }
+            "campaign" | "campaign_id" => {
+                q.campaign_id = Some(state.platform.campaign_id(&v).await?);
+            }
+            "variant" => q.variant = Some(v),
+            "session" | "session_id" => q.session_id = Some(v),
+            "tag" => q.tag = Some(v),
             "label" | "metadata" => match v.split_once(':') {
                 Some((name, value)) => q.labels.push((name.to_owned(), value.to_owned())),
                 None => {
@@ -191,7 +200,7 @@ pub(crate) async fn usage(
             other => {
                 return Err(ApiError::invalid(
                     other,
-                    format!("Unknown filter '{other}': use model, key, account, user, label, since, until or group_by."),
+                    format!("Unknown filter '{other}': use model, key, account, user, project, campaign, variant, session, tag, label, since, until or group_by."),
                 )
                 .into())
             }
@@ -203,4 +212,127 @@ pub(crate) async fn usage(
         group_by: q.group_by,
         data,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewProject {
+    name: String,
+    /// Account id or name; none: every account may use it.
+    account: Option<String>,
+    #[serde(flatten)]
+    spec: serde_json::Map<String, Value>,
+}
+
+pub(crate) async fn projects(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.projects().await?))
+}
+
+pub(crate) async fn create_project(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let b: NewProject = parse_body(&body)?;
+    let p = state
+        .platform
+        .create_project(&b.name, b.account.as_deref(), &Value::Object(b.spec))
+        .await?;
+    Ok((StatusCode::CREATED, Json(p)).into_response())
+}
+
+pub(crate) async fn project(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.project(&id).await?))
+}
+
+pub(crate) async fn update_project(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, Failure> {
+    let spec: Value = parse_body(&body)?;
+    Ok(Json(state.platform.update_project(&id, &spec).await?))
+}
+
+pub(crate) async fn delete_project(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.delete_project(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewCampaign {
+    name: String,
+    key: Option<String>,
+    account: Option<String>,
+    project: Option<String>,
+    #[serde(flatten)]
+    spec: serde_json::Map<String, Value>,
+}
+
+pub(crate) async fn campaigns(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.campaigns().await?))
+}
+
+pub(crate) async fn create_campaign(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let b: NewCampaign = parse_body(&body)?;
+    let c = state
+        .platform
+        .create_campaign(
+            b.key.as_deref(),
+            &b.name,
+            b.account.as_deref(),
+            b.project.as_deref(),
+            &Value::Object(b.spec),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(c)).into_response())
+}
+
+pub(crate) async fn campaign(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.campaign(&id).await?))
+}
+
+pub(crate) async fn update_campaign(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, Failure> {
+    let spec: Value = parse_body(&body)?;
+    Ok(Json(state.platform.update_campaign(&id, &spec).await?))
+}
+
+pub(crate) async fn delete_campaign(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    Ok(Json(state.platform.delete_campaign(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReportQuery {
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// `GET /admin/campaigns/{id}/report?since=&until=`.
+pub(crate) async fn campaign_report(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Json<Value>, Failure> {
+    let since = q.since.as_deref().map(|v| seconds("since", v)).transpose()?;
+    let until = q.until.as_deref().map(|v| seconds("until", v)).transpose()?;
+    Ok(Json(state.platform.campaign_report(&id, since, until).await?))
 }

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -13,11 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use parlance_api::chat::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, UsageField,
+    ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, FunctionDelta, ToolCallDelta,
+    UsageField,
 };
-use parlance_api::{parse_chat_request, ApiError, ChatRequest, FinishReason, Usage};
-use parlance_platform::{Principal, Started};
+use parlance_api::{parse_chat_request, ApiError, ChatRequest, FinishReason};
+use parlance_platform::{Assembly, Principal, ResponseMeta, Started};
 use parlance_providers::ChatEvent;
 
 use crate::error::Failure;
@@ -49,13 +49,16 @@ pub(crate) async fn completions(
 ) -> Result<Response, Failure> {
     let (request, started) = begin(&state, &principal, body, parse_chat_request).await?;
     let rate = started.rate_limit;
-    let meta = Meta {
+    let meta = ResponseMeta {
         id: format!("chatcmpl-{}", started.request_id),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        model: request.model.clone(),
+        created: started.created,
+        model: started
+            .model
+            .clone()
+            .unwrap_or_else(|| request.model.clone()),
         fingerprint: started.fingerprint.clone(),
+        request_id: started.request_id.clone(),
+        session_id: started.session_id.clone(),
     };
     let mut resp = if request.stream {
         stream(meta, &request, started).into_response()
@@ -66,119 +69,23 @@ pub(crate) async fn completions(
     Ok(resp)
 }
 
-/// What every chunk or body repeats.
-#[derive(Clone)]
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
-}
-
-async fn collect(meta: Meta, request: &ChatRequest, started: Started) -> Result<Response, Failure> {
-    let n = request.n as usize;
-    let mut texts = vec![String::new(); n];
-    let mut thoughts = vec![String::new(); n];
-    let mut logprobs = vec![Vec::new(); n];
-    let mut calls: Vec<Vec<ToolCall>> = vec![Vec::new(); n];
-    let mut reasons = vec![None; n];
-    let mut usage = Usage::default();
+async fn collect(
+    meta: ResponseMeta,
+    request: &ChatRequest,
+    started: Started,
+) -> Result<Response, Failure> {
+    let mut answer = Assembly::new(request.n);
     let mut events = started.stream.events;
     while let Some(ev) = events.next().await {
-        match ev {
-            ChatEvent::Text {
-                choice,
-                text,
-                logprobs: lp,
-            } => {
-                if let Some(t) = texts.get_mut(choice as usize) {
-                    t.push_str(&text);
-                }
-                if let Some(l) = logprobs.get_mut(choice as usize) {
-                    l.extend(lp);
-                }
-            }
-            ChatEvent::Reasoning { choice, text } => {
-                if let Some(t) = thoughts.get_mut(choice as usize) {
-                    t.push_str(&text);
-                }
-            }
-            ChatEvent::Finish { choice, reason, .. } => {
-                if let Some(r) = reasons.get_mut(choice as usize) {
-                    *r = Some(reason);
-                }
-            }
-            ChatEvent::ToolCallStart {
-                choice, id, name, ..
-            } => {
-                if let Some(c) = calls.get_mut(choice as usize) {
-                    c.push(ToolCall {
-                        id,
-                        kind: "function",
-                        function: FunctionCall {
-                            name,
-                            arguments: String::new(),
-                        },
-                    });
-                }
-            }
-            ChatEvent::ToolCallArgs {
-                choice,
-                index,
-                arguments,
-            } => {
-                if let Some(call) = calls
-                    .get_mut(choice as usize)
-                    .and_then(|c| c.get_mut(index as usize))
-                {
-                    call.function.arguments.push_str(&arguments);
-                }
-            }
-            ChatEvent::Usage(u) => usage = u,
-            ChatEvent::Error(e) => return Err(e.into()),
+        if let ChatEvent::Error(e) = ev {
+            return Err(e.into());
         }
+        answer.push(&ev);
     }
-    let want_logprobs = request.logprobs.is_some();
-    let choices = texts
-        .into_iter()
-        .zip(reasons)
-        .zip(logprobs)
-        .zip(calls)
-        .zip(thoughts)
-        .enumerate()
-        .map(
-            |(i, ((((text, reason), content), calls), thought))| Choice {
-                index: i as u32,
-                message: AssistantMessage {
-                    role: "assistant",
-                    // A turn that only calls tools has null content, as OpenAI answers it.
-                    content: (calls.is_empty() || !text.is_empty()).then_some(text),
-                    refusal: None,
-                    tool_calls: (!calls.is_empty()).then_some(calls),
-                    reasoning_content: (!thought.is_empty()).then_some(thought),
-                },
-                logprobs: want_logprobs.then_some(ChoiceLogprobs {
-                    content,
-                    refusal: None,
-                }),
-                finish_reason: reason.unwrap_or(FinishReason::Stop),
-            },
-        )
-        .collect();
-    Ok(Json(ChatCompletion {
-        id: meta.id,
-        object: "chat.completion",
-        created: meta.created,
-        model: meta.model,
-        choices,
-        usage,
-        system_fingerprint: meta.fingerprint,
-        service_tier: "default",
-    })
-    .into_response())
+    Ok(Json(answer.completion(&meta, request.logprobs.is_some())).into_response())
 }
 
-fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: UsageField) -> Event {
+fn chunk(meta: &ResponseMeta, choices: Vec<ChunkChoice>, usage: UsageField) -> Event {
     let c = ChatCompletionChunk {
         id: meta.id.clone(),
         object: "chat.completion.chunk",
@@ -188,6 +95,7 @@ fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: UsageField) -> Event {
         service_tier: "default",
         choices,
         usage,
+        session_id: meta.session_id.clone(),
     };
     Event::default().data(serde_json::to_string(&c).unwrap_or_default())
 }
@@ -198,11 +106,12 @@ fn delta(index: u32, delta: Delta, finish_reason: Option<FinishReason>) -> Chunk
         delta,
         logprobs: None,
         finish_reason,
+        completion_id: None,
     }
 }
 
 /// A chunk carrying one tool-call fragment.
-fn tool_chunk(meta: &Meta, choice: u32, tc: ToolCallDelta, usage: UsageField) -> Event {
+fn tool_chunk(meta: &ResponseMeta, choice: u32, tc: ToolCallDelta, usage: UsageField) -> Event {
     let d = Delta {
         role: None,
         content: None,
@@ -212,7 +121,7 @@ fn tool_chunk(meta: &Meta, choice: u32, tc: ToolCallDelta, usage: UsageField) ->
     chunk(meta, vec![delta(choice, d, None)], usage)
 }
 
-fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoResponse {
+fn stream(meta: ResponseMeta, request: &ChatRequest, started: Started) -> impl IntoResponse {
     let include_usage = request.include_usage;
     let want_logprobs = request.logprobs.is_some();
     let none = if include_usage {
@@ -229,7 +138,9 @@ fn stream(meta: Meta, request: &ChatRequest, started: Started) -> impl IntoRespo
                 tool_calls: None,
                 reasoning_content: None,
             };
-            Ok(chunk(&meta, vec![delta(i, d, None)], none))
+            let mut c = delta(i, d, None);
+            c.completion_id = Some(parlance_platform::ids::completion_id(&meta.request_id, i));
+            Ok(chunk(&meta, vec![c], none))
         })
         .collect();
     let m = meta.clone();

@@ -3,6 +3,7 @@
 
 mod admin;
 mod anthropic;
+mod apps;
 mod chat;
 mod error;
 mod middleware;
@@ -61,9 +62,34 @@ impl AppState {
 
 /// The whole application.
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new()
-        .route("/v1/chat/completions", post(chat::completions))
-        .route("/api/v1/chat/completions", post(chat::completions))
+    let mut api = Router::new();
+    for prefix in ["/v1", "/api/v1"] {
+        api = api
+            .route(
+                &format!("{prefix}/chat/completions"),
+                post(chat::completions).get(apps::completions),
+            )
+            .route(
+                &format!("{prefix}/chat/completions/{{id}}"),
+                get(apps::completion)
+                    .post(apps::update_completion)
+                    .delete(apps::delete_completion),
+            )
+            .route(
+                &format!("{prefix}/chat/completions/{{id}}/messages"),
+                get(apps::completion_messages),
+            )
+            .route(
+                &format!("{prefix}/sessions"),
+                post(apps::create_session).get(apps::sessions),
+            )
+            .route(
+                &format!("{prefix}/sessions/{{id}}"),
+                get(apps::session).delete(apps::delete_session),
+            )
+            .route(&format!("{prefix}/feedback"), post(apps::feedback));
+    }
+    let api = api
         .route("/v1/models", get(models::list))
         .route("/api/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::get))
@@ -95,6 +121,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/keys", get(admin::keys).post(admin::create_key))
         .route("/admin/keys/{id}", delete(admin::revoke_key))
         .route("/admin/usage", get(admin::usage))
+        .route(
+            "/admin/projects",
+            get(admin::projects).post(admin::create_project),
+        )
+        .route(
+            "/admin/projects/{id}",
+            get(admin::project)
+                .post(admin::update_project)
+                .put(admin::update_project)
+                .delete(admin::delete_project),
+        )
+        .route(
+            "/admin/campaigns",
+            get(admin::campaigns).post(admin::create_campaign),
+        )
+        .route(
+            "/admin/campaigns/{id}",
+            get(admin::campaign)
+                .post(admin::update_campaign)
+                .put(admin::update_campaign)
+                .delete(admin::delete_campaign),
+        )
+        .route("/admin/campaigns/{id}/report", get(admin::campaign_report))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::admin,
