@@ -467,12 +467,10 @@ impl RawApp {
                 .map(parse_session_id)
                 .transpose()?,
             ab_campaign: match self.ab_campaign {
-                Some(c) if c.is_empty() || c.len() > 128 => {
-                    return Err(ApiError::invalid(
-                        "ab_campaign",
-                        "Invalid 'ab_campaign': expected a campaign id or key of 1 to 128 characters.",
-                    ))
-                }
+                Some(c) if c.is_empty() || c.len() > 128 => return Err(ApiError::invalid(
+                    "ab_campaign",
+                    "Invalid 'ab_campaign': expected a campaign id or key of 1 to 128 characters.",
+                )),
                 c => c,
             },
             tags: parse_tags(self.tags)?,
@@ -1274,7 +1272,10 @@ pub fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
             return Err(ApiError::malformed(
-                format!("Invalid type for '{}': expected a string.", at("completion_id")),
+                format!(
+                    "Invalid type for '{}': expected a string.",
+                    at("completion_id")
+                ),
                 Some(at("completion_id")),
             ))
         }
@@ -1778,14 +1779,20 @@ mod tests {
         assert_eq!(r.messages[0].completion_id.as_deref(), Some("c1"));
         // Errors name the field.
         let param = |f: &str, v: Value| err(with(f, v)).param();
-        assert_eq!(param("session_id", json!("nope")).as_deref(), Some("session_id"));
+        assert_eq!(
+            param("session_id", json!("nope")).as_deref(),
+            Some("session_id")
+        );
         assert_eq!(param("tags", json!(vec!["t"; 33])).as_deref(), Some("tags"));
         assert_eq!(param("tags", json!(["ok", ""])).as_deref(), Some("tags[1]"));
         assert_eq!(
             param("system_prompt_args", json!("x")).as_deref(),
             Some("system_prompt_args")
         );
-        assert_eq!(param("ab_campaign", json!("")).as_deref(), Some("ab_campaign"));
+        assert_eq!(
+            param("ab_campaign", json!("")).as_deref(),
+            Some("ab_campaign")
+        );
         assert_eq!(
             param("tools", json!([{"id": "a", "enabled": "yes"}])).as_deref(),
             Some("tools[0].enabled")
@@ -1815,11 +1822,17 @@ mod tests {
         assert_eq!(r.top_p, 1.0);
         assert!(r.given.max_tokens && !r.given.top_p);
         assert_eq!(
-            parse_defaults(&json!({"messages": []})).unwrap_err().param().as_deref(),
+            parse_defaults(&json!({"messages": []}))
+                .unwrap_err()
+                .param()
+                .as_deref(),
             Some("params.messages")
         );
         assert_eq!(
-            parse_defaults(&json!({"temperature": 7})).unwrap_err().param().as_deref(),
+            parse_defaults(&json!({"temperature": 7}))
+                .unwrap_err()
+                .param()
+                .as_deref(),
             Some("temperature")
         );
     }
@@ -1839,8 +1852,14 @@ mod tests {
             err(with("top_logprobs", json!(2))).param().as_deref(),
             Some("top_logprobs")
         );
-        assert_eq!(parse(with("store", json!(true))).map(|r| r.app.store), Ok(true));
-        assert_eq!(parse(with("store", json!(false))).map(|r| r.app.store), Ok(false));
+        assert_eq!(
+            parse(with("store", json!(true))).map(|r| r.app.store),
+            Ok(true)
+        );
+        assert_eq!(
+            parse(with("store", json!(false))).map(|r| r.app.store),
+            Ok(false)
+        );
         assert!(parse(with("reasoning_effort", json!("low"))).is_ok());
         assert_eq!(
             parse(with("response_format", json!({"type": "json_object"})))

@@ -188,7 +188,10 @@ impl Platform {
     /// Deletes a session and its history.
     pub async fn delete_session(&self, p: &Principal, id: &str) -> Result<Value, ApiError> {
         let s = self.own_session(p, id).await?;
-        self.store.delete_session(&s.id).await.map_err(store_error)?;
+        self.store
+            .delete_session(&s.id)
+            .await
+            .map_err(store_error)?;
         Ok(json!({"id": s.id, "object": "session.deleted", "deleted": true}))
     }
 
@@ -309,7 +312,10 @@ impl Platform {
         id: &str,
     ) -> Result<Value, ApiError> {
         self.own_completion(p, id).await?;
-        self.store.delete_completion(id).await.map_err(store_error)?;
+        self.store
+            .delete_completion(id)
+            .await
+            .map_err(store_error)?;
         Ok(json!({"id": id, "object": "chat.completion.deleted", "deleted": true}))
     }
 
@@ -322,13 +328,22 @@ impl Platform {
             ));
         }
         if f.score.is_some_and(|s| !s.is_finite()) {
-            return Err(ApiError::invalid("score", "'score' must be a finite number."));
+            return Err(ApiError::invalid(
+                "score",
+                "'score' must be a finite number.",
+            ));
         }
-        if f.label.as_ref().is_some_and(|l| l.is_empty() || l.chars().count() > 64) {
+        if f.label
+            .as_ref()
+            .is_some_and(|l| l.is_empty() || l.chars().count() > 64)
+        {
             return Err(ApiError::invalid("label", "'label' is 1 to 64 characters."));
         }
         if f.comment.as_ref().is_some_and(|c| c.chars().count() > 4096) {
-            return Err(ApiError::invalid("comment", "'comment' is at most 4096 characters."));
+            return Err(ApiError::invalid(
+                "comment",
+                "'comment' is at most 4096 characters.",
+            ));
         }
         let missing = || ApiError::Missing {
             message: format!("No completion '{}'.", f.completion_id),
@@ -336,11 +351,19 @@ impl Platform {
             code: "completion_not_found",
         };
         let (request_id, _) = crate::ids::request_of(&f.completion_id).ok_or_else(missing)?;
-        let mut owner = self.store.usage_owner(&request_id).await.map_err(store_error)?;
+        let mut owner = self
+            .store
+            .usage_owner(&request_id)
+            .await
+            .map_err(store_error)?;
         if owner.is_none() {
             // Usage is written in batches: the completion may have ended a moment ago.
             self.flush_usage().await;
-            owner = self.store.usage_owner(&request_id).await.map_err(store_error)?;
+            owner = self
+                .store
+                .usage_owner(&request_id)
+                .await
+                .map_err(store_error)?;
         }
         let Some((account, campaign, variant)) = owner else {
             return Err(missing());
@@ -358,7 +381,10 @@ impl Platform {
             comment: f.comment.clone(),
             created_at: parlance_store::now_ms(),
         };
-        self.store.insert_feedback(&record).await.map_err(store_error)?;
+        self.store
+            .insert_feedback(&record)
+            .await
+            .map_err(store_error)?;
         Ok(json!({
             "id": record.id,
             "object": "feedback",
@@ -438,7 +464,11 @@ impl Platform {
         let checked = ProjectSpec::parse(spec, &self.catalog)?;
         let p = self.project_record(id_or_name).await?;
         let spec = serde_json::to_value(checked).map_err(|_| ApiError::Internal)?;
-        let p = self.store.update_project(&p.id, &spec).await.map_err(store_error)?;
+        let p = self
+            .store
+            .update_project(&p.id, &spec)
+            .await
+            .map_err(store_error)?;
         self.apps.invalidate();
         Ok(project_json(&p))
     }
@@ -446,7 +476,10 @@ impl Platform {
     /// Deletes a project (its sessions and usage stay).
     pub async fn delete_project(&self, id_or_name: &str) -> Result<Value, ApiError> {
         let p = self.project_record(id_or_name).await?;
-        self.store.delete_project(&p.id).await.map_err(store_error)?;
+        self.store
+            .delete_project(&p.id)
+            .await
+            .map_err(store_error)?;
         self.apps.invalidate();
         Ok(json!({"id": p.id, "object": "project.deleted", "deleted": true}))
     }
@@ -468,13 +501,22 @@ impl Platform {
         };
         if let Some(k) = key {
             if k.is_empty() || k.len() > 128 {
-                return Err(ApiError::invalid("key", "A campaign key is 1 to 128 characters."));
+                return Err(ApiError::invalid(
+                    "key",
+                    "A campaign key is 1 to 128 characters.",
+                ));
             }
         }
         let spec = serde_json::to_value(checked).map_err(|_| ApiError::Internal)?;
         let c = self
             .store
-            .create_campaign(key, name, account_id.as_deref(), project_id.as_deref(), &spec)
+            .create_campaign(
+                key,
+                name,
+                account_id.as_deref(),
+                project_id.as_deref(),
+                &spec,
+            )
             .await
             .map_err(store_error)?;
         self.apps.invalidate();
@@ -505,7 +547,11 @@ impl Platform {
         let checked = CampaignSpec::parse(spec)?;
         let c = self.campaign_record(id_or_key).await?;
         let spec = serde_json::to_value(checked).map_err(|_| ApiError::Internal)?;
-        let c = self.store.update_campaign(&c.id, &spec).await.map_err(store_error)?;
+        let c = self
+            .store
+            .update_campaign(&c.id, &spec)
+            .await
+            .map_err(store_error)?;
         self.apps.invalidate();
         Ok(campaign_json(&c))
     }
@@ -513,7 +559,10 @@ impl Platform {
     /// Deletes a campaign (its usage records keep its id).
     pub async fn delete_campaign(&self, id_or_key: &str) -> Result<Value, ApiError> {
         let c = self.campaign_record(id_or_key).await?;
-        self.store.delete_campaign(&c.id).await.map_err(store_error)?;
+        self.store
+            .delete_campaign(&c.id)
+            .await
+            .map_err(store_error)?;
         self.apps.invalidate();
         Ok(json!({"id": c.id, "object": "campaign.deleted", "deleted": true}))
     }
@@ -551,14 +600,19 @@ impl Platform {
             .map(|vs| {
                 vs.iter()
                     .filter_map(|v| {
-                        Some((v.get("name")?.as_str()?.to_owned(), v.get("weight")?.clone()))
+                        Some((
+                            v.get("name")?.as_str()?.to_owned(),
+                            v.get("weight")?.clone(),
+                        ))
                     })
                     .collect()
             })
             .unwrap_or_default();
         let mut variants: Vec<Value> = Vec::new();
         for name in &names {
-            let r = rows.iter().find(|r| r.variant.as_deref() == Some(name.as_str()));
+            let r = rows
+                .iter()
+                .find(|r| r.variant.as_deref() == Some(name.as_str()));
             let mut v = match r {
                 Some(r) => serde_json::to_value(r).unwrap_or(Value::Null),
                 None => json!({
@@ -569,14 +623,18 @@ impl Platform {
                 }),
             };
             if let Some(o) = v.as_object_mut() {
-                o.insert("weight".into(), weights.get(name).cloned().unwrap_or(Value::Null));
+                o.insert(
+                    "weight".into(),
+                    weights.get(name).cloned().unwrap_or(Value::Null),
+                );
             }
             variants.push(v);
         }
         // Records of variants since removed from the spec are still reported.
-        for r in rows.iter().filter(|r| {
-            r.variant.as_ref().is_none_or(|v| !names.contains(v))
-        }) {
+        for r in rows
+            .iter()
+            .filter(|r| r.variant.as_ref().is_none_or(|v| !names.contains(v)))
+        {
             variants.push(serde_json::to_value(r).unwrap_or(Value::Null));
         }
         Ok(json!({

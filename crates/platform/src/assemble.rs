@@ -117,7 +117,11 @@ impl Assembly {
 
     /// The assistant message of one choice, as a response or a session shows it.
     pub fn message(&self, meta: &ResponseMeta, index: u32) -> AssistantMessage {
-        let c = self.choices.get(index as usize).cloned().unwrap_or_default();
+        let c = self
+            .choices
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_default();
         let calls = c.calls;
         AssistantMessage {
             id: Some(crate::ids::message_id(&meta.request_id, index)),

@@ -38,8 +38,8 @@ fn add(a: Usage, b: Usage) -> Usage {
         a.prompt_tokens_details.cached_tokens + b.prompt_tokens_details.cached_tokens,
         a.completion_tokens + b.completion_tokens,
     );
-    u.completion_tokens_details.reasoning_tokens = a.completion_tokens_details.reasoning_tokens
-        + b.completion_tokens_details.reasoning_tokens;
+    u.completion_tokens_details.reasoning_tokens =
+        a.completion_tokens_details.reasoning_tokens + b.completion_tokens_details.reasoning_tokens;
     u
 }
 
@@ -114,16 +114,37 @@ async fn run(mut d: Drive, first: Events, tx: mpsc::Sender<ChatEvent>) {
             // The provider's stream ended without its usage: nothing more to say.
             return;
         }
-        let calls: Vec<ToolCall> = asm.choices.first().map(|c| c.calls.clone()).unwrap_or_default();
-        let text = asm.choices.first().map(|c| c.text.clone()).unwrap_or_default();
-        if server && !calls.is_empty() && calls.iter().all(|c| is_server(&c.function.name, &d)) && step < d.ctx.max_steps {
+        let calls: Vec<ToolCall> = asm
+            .choices
+            .first()
+            .map(|c| c.calls.clone())
+            .unwrap_or_default();
+        let text = asm
+            .choices
+            .first()
+            .map(|c| c.text.clone())
+            .unwrap_or_default();
+        if server
+            && !calls.is_empty()
+            && calls.iter().all(|c| is_server(&c.function.name, &d))
+            && step < d.ctx.max_steps
+        {
             // A round of server-side calls: run them, then ask the model again.
             let results = futures::future::join_all(calls.iter().map(|c| {
                 let tool = d.ctx.server_tools.iter().find(|t| t.id == c.function.name);
                 let client = d.platform.http.clone();
                 async move {
                     match tool.and_then(|t| t.http.as_ref()) {
-                        Some(h) => crate::httptool::call(&client, h, &c.function.name, &c.id, &c.function.arguments).await,
+                        Some(h) => {
+                            crate::httptool::call(
+                                &client,
+                                h,
+                                &c.function.name,
+                                &c.id,
+                                &c.function.arguments,
+                            )
+                            .await
+                        }
                         None => json!({"error": "unknown tool"}).to_string(),
                     }
                 }
@@ -144,11 +165,19 @@ async fn run(mut d: Drive, first: Events, tx: mpsc::Sender<ChatEvent>) {
             step += 1;
             // The caller's tool_choice governs the first answer; later ones are the model's
             // choice, and the last one allowed must be text.
-            d.request.tool_choice = if step >= d.ctx.max_steps { ToolChoice::None } else { ToolChoice::Auto };
+            d.request.tool_choice = if step >= d.ctx.max_steps {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            };
             step_request_id = ids::new_request_id();
             let mut tags = d.tags.clone();
             tags.parent_id = Some(d.meta.request_id.clone());
-            match d.platform.chat_once(&d.principal, &d.request, tags, step_request_id.clone()).await {
+            match d
+                .platform
+                .chat_once(&d.principal, &d.request, tags, step_request_id.clone())
+                .await
+            {
                 Ok(s) => stream = s.stream.events,
                 Err(e) => {
                     let _ = tx.send(ChatEvent::Error(e)).await;
@@ -172,18 +201,32 @@ async fn run(mut d: Drive, first: Events, tx: mpsc::Sender<ChatEvent>) {
         }
         for ev in held {
             let ev = match ev {
-                ChatEvent::ToolCallStart { choice, index, id, name } => {
-                    match renumber.get(index as usize).copied().flatten() {
-                        Some(index) => ChatEvent::ToolCallStart { choice, index, id, name },
-                        None => continue,
-                    }
-                }
-                ChatEvent::ToolCallArgs { choice, index, arguments } => {
-                    match renumber.get(index as usize).copied().flatten() {
-                        Some(index) => ChatEvent::ToolCallArgs { choice, index, arguments },
-                        None => continue,
-                    }
-                }
+                ChatEvent::ToolCallStart {
+                    choice,
+                    index,
+                    id,
+                    name,
+                } => match renumber.get(index as usize).copied().flatten() {
+                    Some(index) => ChatEvent::ToolCallStart {
+                        choice,
+                        index,
+                        id,
+                        name,
+                    },
+                    None => continue,
+                },
+                ChatEvent::ToolCallArgs {
+                    choice,
+                    index,
+                    arguments,
+                } => match renumber.get(index as usize).copied().flatten() {
+                    Some(index) => ChatEvent::ToolCallArgs {
+                        choice,
+                        index,
+                        arguments,
+                    },
+                    None => continue,
+                },
                 ev => ev,
             };
             if tx.send(ev).await.is_err() {
@@ -217,7 +260,11 @@ async fn record(d: &Drive, asm: &Assembly, rounds: Vec<(String, Message)>) -> Re
     if let Some((session, new)) = &d.ctx.session {
         if *new {
             store
-                .create_session(session, d.principal.account_id.as_deref(), d.ctx.project_id().as_deref())
+                .create_session(
+                    session,
+                    d.principal.account_id.as_deref(),
+                    d.ctx.project_id().as_deref(),
+                )
                 .await
                 .map_err(crate::unavailable)?;
         }
@@ -233,8 +280,14 @@ async fn record(d: &Drive, asm: &Assembly, rounds: Vec<(String, Message)>) -> Re
         let mut m = message(Role::Assistant, answer.content);
         m.tool_calls = answer.tool_calls.and_then(|c| serde_json::to_value(c).ok());
         m.completion_id = Some(ids::completion_id(&d.meta.request_id, 0));
-        out.push((ids::message_id(&d.meta.request_id, 0), serde_json::to_value(&m).unwrap_or(Value::Null)));
-        store.append_session(session, &out).await.map_err(crate::unavailable)?;
+        out.push((
+            ids::message_id(&d.meta.request_id, 0),
+            serde_json::to_value(&m).unwrap_or(Value::Null),
+        ));
+        store
+            .append_session(session, &out)
+            .await
+            .map_err(crate::unavailable)?;
     }
     if d.request.app.store {
         let c = &d.caller;
@@ -247,7 +300,10 @@ async fn record(d: &Drive, asm: &Assembly, rounds: Vec<(String, Message)>) -> Re
             o.insert("temperature".into(), json!(d.request.temperature));
             o.insert("top_p".into(), json!(d.request.top_p));
             o.insert("presence_penalty".into(), json!(d.request.presence_penalty));
-            o.insert("frequency_penalty".into(), json!(d.request.frequency_penalty));
+            o.insert(
+                "frequency_penalty".into(),
+                json!(d.request.frequency_penalty),
+            );
             o.insert("input_user".into(), json!(c.user));
             o.insert("tools".into(), json!(c.tools));
         }

@@ -47,7 +47,11 @@ pub(crate) async fn call(
     .await;
     match result {
         Ok((status, body)) if status.is_success() => {
-            tracing::debug!(tool = name, ms = started.elapsed().as_millis() as u64, "tool answered");
+            tracing::debug!(
+                tool = name,
+                ms = started.elapsed().as_millis() as u64,
+                "tool answered"
+            );
             truncate(body)
         }
         Ok((status, body)) => {

@@ -67,7 +67,9 @@ pub(crate) struct UsageTags {
 
 pub(crate) fn unavailable(e: parlance_store::StoreError) -> ApiError {
     match e {
-        parlance_store::StoreError::NotFound(what) => ApiError::NotFound(format!("No such {what}.")),
+        parlance_store::StoreError::NotFound(what) => {
+            ApiError::NotFound(format!("No such {what}."))
+        }
         e => {
             tracing::error!(error = %e, "the database is unavailable");
             ApiError::NotReady("The database is unavailable.".into())
@@ -200,7 +202,10 @@ impl Platform {
             let meta = ResponseMeta {
                 id: format!("chatcmpl-{request_id}"),
                 created: started.created,
-                model: started.model.clone().unwrap_or_else(|| request.model.clone()),
+                model: started
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| request.model.clone()),
                 fingerprint: started.fingerprint.clone(),
                 request_id,
                 session_id: started.session_id.clone(),

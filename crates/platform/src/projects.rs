@@ -183,7 +183,10 @@ impl ProjectSpec {
             if !parlance_api::chat::valid_function_name(&t.id) {
                 return Err(bad(
                     &format!("tools[{i}].id"),
-                    format!("Tool id '{}' must be 1 to 64 of a-z, A-Z, 0-9, '_', '-'.", t.id),
+                    format!(
+                        "Tool id '{}' must be 1 to 64 of a-z, A-Z, 0-9, '_', '-'.",
+                        t.id
+                    ),
                 ));
             }
             if seen.contains(&&t.id) {
@@ -235,7 +238,13 @@ impl CampaignSpec {
         if spec.variants.is_empty() {
             return Err(bad("variants", "A campaign has at least one variant."));
         }
-        if spec.variants.iter().map(|v| u64::from(v.weight)).sum::<u64>() == 0 {
+        if spec
+            .variants
+            .iter()
+            .map(|v| u64::from(v.weight))
+            .sum::<u64>()
+            == 0
+        {
             return Err(bad("variants", "The variants' weights add up to 0."));
         }
         for (i, v) in spec.variants.iter().enumerate() {
@@ -487,6 +496,9 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param().as_deref(), Some("temperature"));
-        assert!(CampaignSpec::parse(&json!({"variants": [{"name": "a", "weight": 1, "colour": 1}]})).is_err());
+        assert!(CampaignSpec::parse(
+            &json!({"variants": [{"name": "a", "weight": 1, "colour": 1}]})
+        )
+        .is_err());
     }
 }

@@ -102,7 +102,11 @@ mod tests {
     fn renders_and_names_what_is_missing() {
         let t = "You help {{ customer }} of {{ company.name }}.{% if vip is defined %} VIP.{% endif %} Tone: {{ tone | default('warm') }}.";
         assert_eq!(
-            render(t, &args(json!({"customer": "Ada", "company": {"name": "ACME"}}))).unwrap(),
+            render(
+                t,
+                &args(json!({"customer": "Ada", "company": {"name": "ACME"}}))
+            )
+            .unwrap(),
             "You help Ada of ACME. Tone: warm."
         );
         let e = render(t, &args(json!({"company": {"name": "ACME"}}))).unwrap_err();

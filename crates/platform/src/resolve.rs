@@ -105,7 +105,12 @@ impl Platform {
 
         // The project, and the catalog model it resolves to.
         let (project, model) = self.resolve_model(principal, &name).await?;
-        let project = match (project, ctx.campaign.as_ref().and_then(|(c, _)| c.project_id.clone())) {
+        let project = match (
+            project,
+            ctx.campaign
+                .as_ref()
+                .and_then(|(c, _)| c.project_id.clone()),
+        ) {
             (Some(p), Some(cp)) if p.id != cp => {
                 return Err(ApiError::invalid(
                     "ab_campaign",
@@ -280,7 +285,9 @@ impl Platform {
             if let Some((id, _)) = switches.first() {
                 return Err(ApiError::invalid(
                     "tools",
-                    format!("'tools' switches the project tool '{id}', but 'model' names no project."),
+                    format!(
+                        "'tools' switches the project tool '{id}', but 'model' names no project."
+                    ),
                 ));
             }
             return Ok(());

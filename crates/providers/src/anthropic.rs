@@ -116,7 +116,7 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Result<Value, ApiErro
         "max_tokens": request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         "stream": true,
         // Anthropic's range is 0 to 1; OpenAI's 0 to 2.
-        "temperature": request.temperature.clamp(0.0, 1.0),
+        "temperature": crate::decimal(request.temperature.clamp(0.0, 1.0)),
     });
     let Some(o) = b.as_object_mut() else {
         return Ok(b);
@@ -125,7 +125,7 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Result<Value, ApiErro
         o.insert("system".into(), json!(system.join("\n\n")));
     }
     if request.top_p < 1.0 {
-        o.insert("top_p".into(), json!(request.top_p));
+        o.insert("top_p".into(), crate::decimal(request.top_p));
     }
     if request.top_k > 0 {
         o.insert("top_k".into(), json!(request.top_k));

@@ -140,3 +140,11 @@ pub trait ChatProvider: Send + Sync {
         self.prepare(request).await?.start().await
     }
 }
+
+/// A request's `f32` parameter as the decimal the caller wrote (0.3, not 0.30000001192092896),
+/// for the JSON sent upstream.
+pub(crate) fn decimal(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .map_or(serde_json::Value::Null, serde_json::Value::from)
+}

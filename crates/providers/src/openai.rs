@@ -92,8 +92,8 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Value {
     if let Some(m) = request.max_tokens {
         set("max_tokens", json!(m));
     }
-    set("temperature", json!(request.temperature));
-    set("top_p", json!(request.top_p));
+    set("temperature", crate::decimal(request.temperature));
+    set("top_p", crate::decimal(request.top_p));
     if request.n != 1 {
         set("n", json!(request.n));
     }
@@ -104,10 +104,13 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Value {
         set("seed", json!(s));
     }
     if request.presence_penalty != 0.0 {
-        set("presence_penalty", json!(request.presence_penalty));
+        set("presence_penalty", crate::decimal(request.presence_penalty));
     }
     if request.frequency_penalty != 0.0 {
-        set("frequency_penalty", json!(request.frequency_penalty));
+        set(
+            "frequency_penalty",
+            crate::decimal(request.frequency_penalty),
+        );
     }
     if !request.logit_bias.is_empty() {
         let m: BTreeMap<String, f32> = request
@@ -162,10 +165,13 @@ pub fn request_body(request: &ChatRequest, model: &str) -> Value {
         set("top_k", json!(request.top_k));
     }
     if request.min_p > 0.0 {
-        set("min_p", json!(request.min_p));
+        set("min_p", crate::decimal(request.min_p));
     }
     if request.repetition_penalty != 1.0 {
-        set("repetition_penalty", json!(request.repetition_penalty));
+        set(
+            "repetition_penalty",
+            crate::decimal(request.repetition_penalty),
+        );
     }
     if request.ignore_eos {
         set("ignore_eos", json!(true));

@@ -34,7 +34,10 @@ pub(crate) async fn messages(
         crate::chat::begin(&state, &principal, body, parse_messages_request).await?;
     let id = format!("msg_{}", started.request_id);
     let rate = started.rate_limit;
-    let model = started.model.clone().unwrap_or_else(|| request.model.clone());
+    let model = started
+        .model
+        .clone()
+        .unwrap_or_else(|| request.model.clone());
     if request.stream {
         let mut resp = stream(id, model, started.stream).into_response();
         crate::error::add_rate_headers(&mut resp, rate);

@@ -107,7 +107,9 @@ pub(crate) async fn completions(
             },
         }
     }
-    Ok(Json(state.platform.stored_completions(&principal, q).await?))
+    Ok(Json(
+        state.platform.stored_completions(&principal, q).await?,
+    ))
 }
 
 pub(crate) async fn completion(
@@ -115,7 +117,9 @@ pub(crate) async fn completion(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Failure> {
-    Ok(Json(state.platform.stored_completion(&principal, &id).await?))
+    Ok(Json(
+        state.platform.stored_completion(&principal, &id).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -106,6 +106,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/0001_accounts_keys_ledger_usage.sql"),
     ),
     (2, include_str!("../migrations/0002_replica_holds.sql")),
+    (
+        3,
+        include_str!("../migrations/0003_projects_sessions_campaigns.sql"),
+    ),
 ];
 
 /// The database behind the platform.
@@ -166,7 +170,7 @@ async fn checkpoints(url: &str, main: AnyPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 

@@ -41,6 +41,19 @@ pub struct UsageRecord {
     pub user: Option<String>,
     /// The request's labels (`metadata`).
     pub labels: BTreeMap<String, String>,
+    /// The project the request ran, if any.
+    pub project_id: Option<String>,
+    /// The A/B campaign the request took part in, if any.
+    pub campaign_id: Option<String>,
+    /// The campaign variant it was given.
+    pub variant: Option<String>,
+    /// The server-side session it continued, if any.
+    pub session_id: Option<String>,
+    /// Set on the extra records of a multi-step request: the client-visible request's id.
+    /// Records without a parent are the requests clients see and are counted as requests.
+    pub parent_id: Option<String>,
+    /// Free-form tags, for filtering and grouping.
+    pub tags: Vec<String>,
 }
 
 /// Which records to aggregate, and how to group them.
@@ -56,12 +69,23 @@ pub struct UsageQuery {
     pub user: Option<String>,
     /// Only records carrying these labels (name, value).
     pub labels: Vec<(String, String)>,
+    /// Only this project.
+    pub project_id: Option<String>,
+    /// Only this campaign.
+    pub campaign_id: Option<String>,
+    /// Only this campaign variant.
+    pub variant: Option<String>,
+    /// Only this session.
+    pub session_id: Option<String>,
+    /// Only records carrying this tag.
+    pub tag: Option<String>,
     /// From this time (epoch ms, inclusive).
     pub since: Option<i64>,
     /// Before this time (epoch ms, exclusive).
     pub until: Option<i64>,
-    /// `model`, `key`, `account`, `user`, `provider`, `status`, `outcome`, `day`, `hour`, or
-    /// `label:NAME`; `None`: one total.
+    /// `model`, `key`, `account`, `user`, `provider`, `status`, `outcome`, `day`, `hour`,
+    /// `project`, `campaign`, `variant`, `session`, `tag` (a record with several tags counts in
+    /// each of their groups) or `label:NAME`; `None`: one total.
     pub group_by: Option<String>,
 }
 
@@ -70,9 +94,10 @@ pub struct UsageQuery {
 pub struct UsageGroup {
     /// The group's value (`null` for the total, or records without it).
     pub group: Option<String>,
-    /// Requests.
+    /// Client-visible requests (records without a parent; the extra steps of a multi-step
+    /// request are not counted again).
     pub requests: i64,
-    /// Of those, with a status of 400 or more.
+    /// Records with a status of 400 or more (every step counts).
     pub errors: i64,
     /// Prompt tokens.
     pub prompt_tokens: i64,
@@ -87,6 +112,19 @@ pub struct UsageGroup {
     /// Mean time to first token, ms.
     pub avg_ttft_ms: Option<i64>,
 }
+
+/// The aggregate columns over usage records `u`, shared by [`Store::usage`] and the campaign
+/// report: `requests` counts the client-visible requests (no parent), everything else sums
+/// over every record.
+pub(crate) const AGGREGATES: &str = "\
+    CAST(COALESCE(SUM(CASE WHEN u.parent_id IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT) AS requests, \
+    CAST(COALESCE(SUM(CASE WHEN u.status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
+    CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+    CAST(COALESCE(SUM(u.cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+    CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+    CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost, \
+    CAST(AVG(u.latency_ms) AS BIGINT) AS avg_latency_ms, \
+    CAST(AVG(u.ttft_ms) AS BIGINT) AS avg_ttft_ms";
 
 /// `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
 pub(crate) fn values(rows: usize, cols: usize) -> String {
@@ -108,7 +146,8 @@ pub(crate) fn values(rows: usize, cols: usize) -> String {
     out
 }
 
-/// Writes usage records (and their labels) with multi-row statements, inside a transaction.
+/// Writes usage records (and their labels and tags) with multi-row statements, inside a
+/// transaction.
 pub(crate) async fn insert_usage(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     records: &[UsageRecord],
@@ -117,12 +156,14 @@ pub(crate) async fn insert_usage(
         let sql = format!(
             "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
              prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
-             outcome, user_id, labels) VALUES {} ON CONFLICT (request_id) DO NOTHING",
-            values(chunk.len(), 16)
+             outcome, user_id, labels, project_id, campaign_id, variant, session_id, parent_id, \
+             tags) VALUES {} ON CONFLICT (request_id) DO NOTHING",
+            values(chunk.len(), 22)
         );
         let mut q = sqlx::query(&sql);
         for r in chunk {
             let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".into());
+            let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into());
             q = q
                 .bind(r.request_id.clone())
                 .bind(r.created_at)
@@ -139,7 +180,13 @@ pub(crate) async fn insert_usage(
                 .bind(r.status)
                 .bind(r.outcome.clone())
                 .bind(r.user.clone())
-                .bind(labels);
+                .bind(labels)
+                .bind(r.project_id.clone())
+                .bind(r.campaign_id.clone())
+                .bind(r.variant.clone())
+                .bind(r.session_id.clone())
+                .bind(r.parent_id.clone())
+                .bind(tags);
         }
         q.execute(&mut **tx).await?;
     }
@@ -163,6 +210,23 @@ pub(crate) async fn insert_usage(
                 .bind(id.to_string())
                 .bind(k.to_string())
                 .bind(v.to_string());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let tags: std::collections::BTreeSet<(&str, &str)> = records
+        .iter()
+        .flat_map(|r| r.tags.iter().map(|t| (r.request_id.as_str(), t.as_str())))
+        .collect();
+    let tags: Vec<(&str, &str)> = tags.into_iter().collect();
+    for chunk in tags.chunks(1000) {
+        let sql = format!(
+            "INSERT INTO usage_tags (request_id, tag) VALUES {} \
+             ON CONFLICT (request_id, tag) DO NOTHING",
+            values(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, t) in chunk {
+            q = q.bind(id.to_string()).bind(t.to_string());
         }
         q.execute(&mut **tx).await?;
     }
@@ -211,6 +275,14 @@ impl Store {
             Some("status") => Some("CAST(u.status AS TEXT)".to_owned()),
             Some("day") => Some("CAST(u.created_at / 86400000 AS TEXT)".to_owned()),
             Some("hour") => Some("CAST(u.created_at / 3600000 AS TEXT)".to_owned()),
+            Some("project") => Some("u.project_id".to_owned()),
+            Some("campaign") => Some("u.campaign_id".to_owned()),
+            Some("variant") => Some("u.variant".to_owned()),
+            Some("session") => Some("u.session_id".to_owned()),
+            Some("tag") => {
+                join = " LEFT JOIN usage_tags t ON t.request_id = u.request_id".to_owned();
+                Some("t.tag".to_owned())
+            }
             Some(other) => match other.strip_prefix("label:") {
                 Some(name) if !name.is_empty() => {
                     let p = text(name, &mut args);
@@ -221,7 +293,7 @@ impl Store {
                 }
                 _ => {
                     return Err(StoreError::Invalid(format!(
-                        "group_by must be one of model, key, account, user, provider, status, outcome, day, hour, label:NAME; not {other:?}"
+                        "group_by must be one of model, key, account, user, provider, status, outcome, day, hour, project, campaign, variant, session, tag, label:NAME; not {other:?}"
                     )))
                 }
             },
@@ -231,6 +303,10 @@ impl Store {
             ("u.account_id", &q.account_id),
             ("u.model", &q.model),
             ("u.user_id", &q.user),
+            ("u.project_id", &q.project_id),
+            ("u.campaign_id", &q.campaign_id),
+            ("u.variant", &q.variant),
+            ("u.session_id", &q.session_id),
         ] {
             if let Some(v) = v {
                 let p = text(v, &mut args);
@@ -242,6 +318,12 @@ impl Store {
             let b = text(value, &mut args);
             wheres.push(format!(
                 "EXISTS (SELECT 1 FROM usage_labels f WHERE f.request_id = u.request_id AND f.name = {a} AND f.value = {b})"
+            ));
+        }
+        if let Some(tag) = &q.tag {
+            let p = text(tag, &mut args);
+            wheres.push(format!(
+                "EXISTS (SELECT 1 FROM usage_tags h WHERE h.request_id = u.request_id AND h.tag = {p})"
             ));
         }
         let base = args.len();
@@ -256,17 +338,8 @@ impl Store {
         let select_group = group_expr
             .as_deref()
             .map_or("CAST(NULL AS TEXT)".to_owned(), |g| g.to_owned());
-        let mut sql = format!(
-            "SELECT {select_group} AS grp, COUNT(*) AS requests, \
-             CAST(COALESCE(SUM(CASE WHEN u.status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
-             CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-             CAST(COALESCE(SUM(u.cached_tokens), 0) AS BIGINT) AS cached_tokens, \
-             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-             CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost, \
-             CAST(AVG(u.latency_ms) AS BIGINT) AS avg_latency_ms, \
-             CAST(AVG(u.ttft_ms) AS BIGINT) AS avg_ttft_ms \
-             FROM usage_records u{join}"
-        );
+        let mut sql =
+            format!("SELECT {select_group} AS grp, {AGGREGATES} FROM usage_records u{join}");
         if !wheres.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&wheres.join(" AND "));

@@ -1,7 +1,8 @@
 //! A mock upstream provider that is a real HTTP server: OpenAI's Chat Completions and
 //! Anthropic's Messages on loopback, replaying recorded streams and injecting faults chosen by
 //! the requested model name (`ok`, `ok-nousage`, `slow`, `hang`, `fail500`, `busy429`,
-//! `bad400`, `cut`, `garbage`, `tools`; `claude-ok`, `claude-tools`, `claude-overloaded`).
+//! `bad400`, `cut`, `garbage`, `tools`, `agent`, `agent-forever`; `claude-ok`, `claude-tools`,
+//! `claude-overloaded`).
 //! Used by the upstream tests and, as `examples/mock_upstream.rs`, by the gateway benchmark.
 
 #![allow(dead_code)]
@@ -152,6 +153,56 @@ async fn completions(
             (Duration::ZERO, usage_chunk()),
             (Duration::ZERO, "data: [DONE]\n\n".into()),
         ]),
+        // An agent: reads a tool's result back when it has one, else calls a tool (the one the
+        // user names, or the first offered) with the user's words as `q`.
+        "agent" | "agent-forever" => {
+            let messages = body["messages"].as_array().cloned().unwrap_or_default();
+            let last = messages.last().cloned().unwrap_or(Value::Null);
+            let tools: Vec<String> = body["tools"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|t| t["function"]["name"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let results = messages.iter().filter(|m| m["role"] == "tool").count();
+            let may_call = !tools.is_empty() && body["tool_choice"] != "none";
+            let answer = |text: String| {
+                sse(vec![
+                    (Duration::ZERO, chunk(json!({"role": "assistant", "content": text}), None)),
+                    (Duration::ZERO, chunk(json!({}), Some("stop"))),
+                    (Duration::ZERO, usage_chunk()),
+                    (Duration::ZERO, "data: [DONE]\n\n".into()),
+                ])
+            };
+            if model == "agent" && last["role"] == "tool" {
+                return answer(format!("Tool said: {}", last["content"].as_str().unwrap_or("")));
+            }
+            if !may_call {
+                return answer(format!("No more tools after {results} results."));
+            }
+            let user = messages
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_owned();
+            let name = tools
+                .iter()
+                .find(|t| user.contains(t.as_str()))
+                .unwrap_or(&tools[0])
+                .clone();
+            let args = json!({"q": user}).to_string();
+            sse(vec![
+                (Duration::ZERO, chunk(json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": format!("call_{results}"), "type": "function", "function": {"name": name, "arguments": ""}}]}), None)),
+                (Duration::ZERO, chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}), None)),
+                (Duration::ZERO, chunk(json!({}), Some("tool_calls"))),
+                (Duration::ZERO, usage_chunk()),
+                (Duration::ZERO, "data: [DONE]\n\n".into()),
+            ])
+        }
         other => (
             StatusCode::NOT_FOUND,
             Json(json!({"error": {"message": format!("no model {other}")}})),
