@@ -40,6 +40,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: manage::CreditsCmd,
     },
+    /// Manage projects: models, system-prompt templates, defaults, sessions, tools.
+    Projects {
+        #[command(flatten)]
+        db: manage::DbArgs,
+        #[command(subcommand)]
+        cmd: manage::ProjectsCmd,
+    },
+    /// Manage A/B campaigns and read their reports.
+    Campaigns {
+        #[command(flatten)]
+        db: manage::DbArgs,
+        #[command(subcommand)]
+        cmd: manage::CampaignsCmd,
+    },
     /// Load-test any OpenAI-compatible server and print a table.
     Bench(bench::BenchArgs),
 }
@@ -51,6 +65,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Pull { force } => pull::pull(force).map(|_| ()),
         Cmd::Keys { db, cmd } => manage::keys(&db, cmd),
         Cmd::Credits { db, cmd } => manage::credits(&db, cmd),
+        Cmd::Projects { db, cmd } => manage::projects(&db, cmd),
+        Cmd::Campaigns { db, cmd } => manage::campaigns(&db, cmd),
         Cmd::Bench(args) => bench::run(args),
     };
     match result {

@@ -1,5 +1,6 @@
-//! `parlance keys` and `parlance credits`: the operator's commands, run straight against the
-//! database the servers use (a revocation reaches every running replica within a second).
+//! `parlance keys`, `credits`, `projects` and `campaigns`: the operator's commands, run
+//! straight against the database the servers use (a revocation or an edit reaches every running
+//! replica within a second).
 
 use std::sync::Arc;
 
@@ -71,6 +72,294 @@ pub enum CreditsCmd {
         /// Account name or id.
         account: Option<String>,
     },
+}
+
+/// `parlance projects ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum ProjectsCmd {
+    /// Create a project. Its spec comes from the flags, or whole from `--spec` (JSON).
+    Create {
+        /// Unique name (what `model: "{project}"` names).
+        name: String,
+        /// Only this account's keys may use it (name or id) [default: every account].
+        #[arg(long)]
+        account: Option<String>,
+        /// The model `{project}` alone means.
+        #[arg(long, required_unless_present = "spec")]
+        default_model: Option<String>,
+        /// Another model the project may use (repeatable).
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// System-prompt template (Jinja), or `@FILE` to read it from a file.
+        #[arg(long)]
+        system_prompt: Option<String>,
+        /// Default parameters, as a JSON object (`{"temperature": 0.2}`).
+        #[arg(long)]
+        params: Option<String>,
+        /// Start a server-side session for requests without `session_id`.
+        #[arg(long)]
+        sessions: bool,
+        /// The project's tools: a JSON array, or `@FILE`.
+        #[arg(long)]
+        tools: Option<String>,
+        /// The whole spec as JSON, or `@FILE`.
+        #[arg(long, conflicts_with_all = ["default_model", "models", "system_prompt", "params", "sessions", "tools"])]
+        spec: Option<String>,
+    },
+    /// List projects.
+    List,
+    /// Show one project's spec.
+    Show {
+        /// Name or id.
+        name: String,
+    },
+    /// Replace a project's spec with JSON (or `@FILE`).
+    Update {
+        /// Name or id.
+        name: String,
+        /// The new spec.
+        #[arg(long)]
+        spec: String,
+    },
+    /// Delete a project (its sessions and usage records stay).
+    Delete {
+        /// Name or id.
+        name: String,
+    },
+}
+
+/// `parlance campaigns ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum CampaignsCmd {
+    /// Create a campaign from its spec (`{"variants": [...], "sticky": "user"}`, JSON or `@FILE`).
+    Create {
+        /// A name for people.
+        name: String,
+        /// The key requests name it by in `ab_campaign` (the id works too).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this account's keys may use it.
+        #[arg(long)]
+        account: Option<String>,
+        /// The project its variants' models belong to.
+        #[arg(long)]
+        project: Option<String>,
+        /// The spec.
+        #[arg(long)]
+        spec: String,
+    },
+    /// List campaigns.
+    List,
+    /// Compare a campaign's variants: traffic, tokens, cost, latency and feedback.
+    Report {
+        /// Id or key.
+        campaign: String,
+    },
+    /// Delete a campaign (its usage records keep its id).
+    Delete {
+        /// Id or key.
+        campaign: String,
+    },
+}
+
+/// A JSON argument, given inline or as `@FILE`.
+fn json_arg(what: &str, v: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match v.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+        }
+        None => v.to_owned(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+fn text_arg(v: &str) -> anyhow::Result<String> {
+    match v.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}")),
+        None => Ok(v.to_owned()),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// Runs `parlance projects ...`.
+#[expect(
+    clippy::print_stdout,
+    reason = "a command-line tool prints its results"
+)]
+pub fn projects(db: &DbArgs, cmd: ProjectsCmd) -> anyhow::Result<()> {
+    with_platform(db, |p| async move {
+        match cmd {
+            ProjectsCmd::Create {
+                name,
+                account,
+                default_model,
+                models,
+                system_prompt,
+                params,
+                sessions,
+                tools,
+                spec,
+            } => {
+                let spec = match spec {
+                    Some(s) => json_arg("--spec", &s)?,
+                    None => {
+                        let mut o = serde_json::Map::new();
+                        o.insert("default_model".into(), default_model.into());
+                        o.insert("models".into(), models.into());
+                        if let Some(t) = system_prompt {
+                            o.insert("system_prompt".into(), text_arg(&t)?.into());
+                        }
+                        if let Some(v) = params {
+                            o.insert("params".into(), json_arg("--params", &v)?);
+                        }
+                        o.insert("sessions".into(), sessions.into());
+                        if let Some(v) = tools {
+                            o.insert("tools".into(), json_arg("--tools", &v)?);
+                        }
+                        serde_json::Value::Object(o)
+                    }
+                };
+                let v = p
+                    .create_project(&name, account.as_deref(), &spec)
+                    .await
+                    .map_err(api)?;
+                eprintln!(
+                    "created project {name} ({})",
+                    v["id"].as_str().unwrap_or("")
+                );
+                println!("{}", pretty(&v));
+            }
+            ProjectsCmd::List => {
+                let all = p.projects().await.map_err(api)?;
+                println!(
+                    "{:<38} {:<24} {:<24} ACCOUNT",
+                    "ID", "NAME", "DEFAULT MODEL"
+                );
+                for x in all["data"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<38} {:<24} {:<24} {}",
+                        x["id"].as_str().unwrap_or(""),
+                        x["name"].as_str().unwrap_or(""),
+                        x["spec"]["default_model"].as_str().unwrap_or(""),
+                        x["account_id"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+            ProjectsCmd::Show { name } => {
+                println!("{}", pretty(&p.project(&name).await.map_err(api)?))
+            }
+            ProjectsCmd::Update { name, spec } => {
+                let spec = json_arg("--spec", &spec)?;
+                println!(
+                    "{}",
+                    pretty(&p.update_project(&name, &spec).await.map_err(api)?)
+                );
+            }
+            ProjectsCmd::Delete { name } => {
+                p.delete_project(&name).await.map_err(api)?;
+                println!("deleted project {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `parlance campaigns ...`.
+#[expect(
+    clippy::print_stdout,
+    reason = "a command-line tool prints its results"
+)]
+pub fn campaigns(db: &DbArgs, cmd: CampaignsCmd) -> anyhow::Result<()> {
+    with_platform(db, |p| async move {
+        match cmd {
+            CampaignsCmd::Create {
+                name,
+                key,
+                account,
+                project,
+                spec,
+            } => {
+                let spec = json_arg("--spec", &spec)?;
+                let v = p
+                    .create_campaign(
+                        key.as_deref(),
+                        &name,
+                        account.as_deref(),
+                        project.as_deref(),
+                        &spec,
+                    )
+                    .await
+                    .map_err(api)?;
+                println!("{}", pretty(&v));
+            }
+            CampaignsCmd::List => {
+                let all = p.campaigns().await.map_err(api)?;
+                println!("{:<38} {:<24} {:<32} VARIANTS", "ID", "KEY", "NAME");
+                for c in all["data"].as_array().into_iter().flatten() {
+                    let variants: Vec<String> = c["spec"]["variants"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|v| format!("{}:{}", v["name"].as_str().unwrap_or(""), v["weight"]))
+                        .collect();
+                    println!(
+                        "{:<38} {:<24} {:<32} {}",
+                        c["id"].as_str().unwrap_or(""),
+                        c["key"].as_str().unwrap_or("-"),
+                        c["name"].as_str().unwrap_or(""),
+                        variants.join(" ")
+                    );
+                }
+            }
+            CampaignsCmd::Report { campaign } => {
+                let r = p
+                    .campaign_report(&campaign, None, None)
+                    .await
+                    .map_err(api)?;
+                println!(
+                    "{:<16} {:>6} {:>9} {:>7} {:>12} {:>12} {:>14} {:>9} {:>9} {:>8} {:>9}",
+                    "VARIANT",
+                    "WEIGHT",
+                    "REQUESTS",
+                    "ERRORS",
+                    "PROMPT TOK",
+                    "COMPL TOK",
+                    "COST",
+                    "LAT MS",
+                    "TTFT MS",
+                    "FEEDBACK",
+                    "SCORE"
+                );
+                for v in r["variants"].as_array().into_iter().flatten() {
+                    let num = |k: &str| v[k].as_i64().map_or("-".to_owned(), |n| n.to_string());
+                    println!(
+                        "{:<16} {:>6} {:>9} {:>7} {:>12} {:>12} {:>14} {:>9} {:>9} {:>8} {:>9}",
+                        v["variant"].as_str().unwrap_or("-"),
+                        num("weight"),
+                        num("requests"),
+                        num("errors"),
+                        num("prompt_tokens"),
+                        num("completion_tokens"),
+                        money(v["cost"].as_i64().unwrap_or(0)),
+                        num("avg_latency_ms"),
+                        num("avg_ttft_ms"),
+                        num("feedback"),
+                        v["avg_score"]
+                            .as_f64()
+                            .map_or("-".to_owned(), |s| format!("{s:.3}"))
+                    );
+                }
+            }
+            CampaignsCmd::Delete { campaign } => {
+                p.delete_campaign(&campaign).await.map_err(api)?;
+                println!("deleted campaign {campaign}");
+            }
+        }
+        Ok(())
+    })
 }
 
 fn money(micros: i64) -> String {

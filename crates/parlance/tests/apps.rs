@@ -1074,3 +1074,118 @@ async fn project_tools_are_switched_and_http_tools_run_in_a_loop() {
         "lookup"
     );
 }
+
+#[tokio::test]
+async fn command_line_manages_projects_and_campaigns() {
+    let dir = std::env::temp_dir().join(format!("parlance-apps-cli-{}", common::uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite://{}", dir.join("cli.db").display());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_parlance"))
+            .args(args)
+            .args(["--database-url", &db])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let template = dir.join("prompt.j2");
+    std::fs::write(&template, "Speak as {{ persona }}.").unwrap();
+    let (ok, out, err) = run(&[
+        "projects",
+        "create",
+        "cli-proj",
+        "--default-model",
+        "inspect",
+        "--system-prompt",
+        &format!("@{}", template.display()),
+        "--params",
+        r#"{"max_tokens": 7}"#,
+        "--sessions",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"sessions\": true"), "{out}");
+    // A bad template or parameter fails with a message, and nothing is created.
+    let (ok, _, err) = run(&[
+        "projects",
+        "create",
+        "bad",
+        "--default-model",
+        "x",
+        "--system-prompt",
+        "{{ oops",
+    ]);
+    assert!(!ok && err.contains("template"), "{err}");
+    let (ok, _, err) = run(&[
+        "projects",
+        "create",
+        "bad",
+        "--default-model",
+        "x",
+        "--params",
+        r#"{"top_p": 3}"#,
+    ]);
+    assert!(!ok && err.contains("top_p"), "{err}");
+    let (ok, list, _) = run(&["projects", "list"]);
+    assert!(
+        ok && list.contains("cli-proj") && !list.contains("bad"),
+        "{list}"
+    );
+    let (ok, out, err) = run(&[
+        "campaigns",
+        "create",
+        "CLI test",
+        "--key",
+        "cli-camp",
+        "--spec",
+        r#"{"variants": [{"name": "only", "weight": 1, "model": "cli-proj"}]}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cli-camp"), "{out}");
+
+    // A server on the same database serves them.
+    let (base, seen) = mock_upstream().await;
+    let cfg = dir.join("parlance.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{base}\"\napi_key = \"k\"\n\n[[models]]\nname = \"inspect\"\ndeployments = [{{ provider = \"mock\", model = \"ok\" }}]\n"),
+    )
+    .unwrap();
+    let s = Server::start_raw(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--database-url",
+        &db,
+        "--allow-unauthenticated",
+        "--exit-on-stdin-eof",
+    ]);
+    let (st, r) = chat(
+        &s,
+        "none",
+        &json!({"model": "echo-does-not-matter", "ab_campaign": "cli-camp", "system_prompt_args": {"persona": "a pirate"},
+                "messages": [user("Hi")]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(r["session_id"].is_string(), "{r}");
+    let sent = last_body(&seen, "ok");
+    assert_eq!(sent["messages"][0]["content"], "Speak as a pirate.");
+    assert_eq!(
+        sent.get("max_completion_tokens").or(sent.get("max_tokens")),
+        Some(&json!(7))
+    );
+    // The server writes usage in batches every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, report, err) = run(&["campaigns", "report", "cli-camp"]);
+    assert!(ok, "{err}");
+    let row = report.lines().find(|l| l.starts_with("only")).unwrap();
+    assert_eq!(row.split_whitespace().nth(2), Some("1"), "{report}");
+    let (ok, _, err) = run(&["projects", "delete", "cli-proj"]);
+    assert!(ok, "{err}");
+}

@@ -49,6 +49,11 @@ impl Catalog {
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
     }
 
+    /// Whether there are no models (the command line works on the database without them).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Whether every model can take work.
     pub fn ready(&self) -> bool {
         !self.entries.is_empty() && self.entries.values().all(|e| e.provider.ready())

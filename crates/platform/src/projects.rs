@@ -162,9 +162,11 @@ impl ProjectSpec {
         Ok(spec)
     }
 
+    /// Checks the spec; model names are checked against the catalog unless it is empty (the
+    /// command line, which edits the database without loading models).
     fn check(&self, catalog: &Catalog) -> Result<(), ApiError> {
         for m in std::iter::once(&self.default_model).chain(&self.models) {
-            if catalog.resolve(m).is_err() {
+            if !catalog.is_empty() && catalog.resolve(m).is_err() {
                 return Err(bad(
                     "default_model",
                     format!("The model `{m}` is not in the catalog."),
