@@ -316,7 +316,7 @@ pub fn campaigns(db: &DbArgs, cmd: CampaignsCmd) -> anyhow::Result<()> {
             }
             CampaignsCmd::Report { campaign } => {
                 let r = p
-                    .campaign_report(&campaign, None, None)
+                    .campaign_report(&campaign, &Default::default())
                     .await
                     .map_err(api)?;
                 println!(

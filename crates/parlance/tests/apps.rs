@@ -855,6 +855,44 @@ async fn campaigns_split_traffic_stickily_and_report_outcomes() {
     assert_eq!(vl["feedback"], 2);
     assert_eq!(vl["avg_score"].as_f64(), Some(0.0));
 
+    // The report filters like the usage API does.
+    let (_, tagged) = admin(&s, "GET", "/admin/campaigns/greeting/report?tag=ab", None).await;
+    assert_eq!(tagged["variants"], rep["variants"]);
+    let (_, other) = admin(&s, "GET", "/admin/campaigns/greeting/report?tag=nope", None).await;
+    assert!(
+        other["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["requests"] == 0),
+        "{other}"
+    );
+    let (_, one) = admin(
+        &s,
+        "GET",
+        "/admin/campaigns/greeting/report?user=user-0",
+        None,
+    )
+    .await;
+    let one_total: u64 = one["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(one_total, 4);
+    assert_eq!(
+        admin(
+            &s,
+            "GET",
+            "/admin/campaigns/greeting/report?group_by=model",
+            None
+        )
+        .await
+        .0,
+        400
+    );
+
     // Usage filters by campaign, variant and tag.
     let (_, u) = admin(
         &s,

@@ -572,14 +572,13 @@ impl Platform {
     pub async fn campaign_report(
         &self,
         id_or_key: &str,
-        since: Option<i64>,
-        until: Option<i64>,
+        filter: &parlance_store::UsageQuery,
     ) -> Result<Value, ApiError> {
         let c = self.campaign_record(id_or_key).await?;
         self.flush_usage().await;
         let rows = self
             .store
-            .campaign_report(&c.id, since, until)
+            .campaign_report(&c.id, filter)
             .await
             .map_err(store_error)?;
         // Every variant of the spec appears, with zeros when it had no traffic.

@@ -165,11 +165,11 @@ fn seconds(name: &str, v: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be a Unix time in seconds.")))
 }
 
-/// `GET /admin/usage?model=&key=&account=&user=&project=&campaign=&variant=&session=&tag=&label=NAME:VALUE&since=&until=&group_by=`.
-pub(crate) async fn usage(
-    State(state): State<Arc<AppState>>,
-    Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<UsageResponse>, Failure> {
+/// The filters of `/admin/usage` and of a campaign report, from the query string.
+async fn usage_query(
+    state: &AppState,
+    pairs: Vec<(String, String)>,
+) -> Result<UsageQuery, Failure> {
     let mut q = UsageQuery::default();
     for (k, v) in pairs {
         match k.as_str() {
@@ -206,6 +206,15 @@ pub(crate) async fn usage(
             }
         }
     }
+    Ok(q)
+}
+
+/// `GET /admin/usage?model=&key=&account=&user=&project=&campaign=&variant=&session=&tag=&label=NAME:VALUE&since=&until=&group_by=`.
+pub(crate) async fn usage(
+    State(state): State<Arc<AppState>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<UsageResponse>, Failure> {
+    let q = usage_query(&state, pairs).await?;
     let data = state.platform.usage(&q).await?;
     Ok(Json(UsageResponse {
         object: "list",
@@ -318,30 +327,19 @@ pub(crate) async fn delete_campaign(
     Ok(Json(state.platform.delete_campaign(&id).await?))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ReportQuery {
-    since: Option<String>,
-    until: Option<String>,
-}
-
-/// `GET /admin/campaigns/{id}/report?since=&until=`.
+/// `GET /admin/campaigns/{id}/report?since=&until=&tag=&label=NAME:VALUE&user=&model=&key=&account=&project=`.
 pub(crate) async fn campaign_report(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(q): Query<ReportQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<Value>, Failure> {
-    let since = q
-        .since
-        .as_deref()
-        .map(|v| seconds("since", v))
-        .transpose()?;
-    let until = q
-        .until
-        .as_deref()
-        .map(|v| seconds("until", v))
-        .transpose()?;
-    Ok(Json(
-        state.platform.campaign_report(&id, since, until).await?,
-    ))
+    let q = usage_query(&state, pairs).await?;
+    if q.group_by.is_some() || q.campaign_id.is_some() || q.variant.is_some() {
+        return Err(ApiError::invalid(
+            "group_by",
+            "A campaign report is grouped by variant; 'group_by', 'campaign' and 'variant' do not apply.",
+        )
+        .into());
+    }
+    Ok(Json(state.platform.campaign_report(&id, &q).await?))
 }

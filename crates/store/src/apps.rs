@@ -929,16 +929,38 @@ impl Store {
     pub async fn campaign_report(
         &self,
         campaign_id: &str,
-        since: Option<i64>,
-        until: Option<i64>,
+        filter: &crate::UsageQuery,
     ) -> Result<Vec<VariantReport>, StoreError> {
         let window = |args: &mut Args| {
             let mut w = format!("u.campaign_id = {}", args.text(campaign_id));
-            if let Some(s) = since {
+            if let Some(s) = filter.since {
                 w.push_str(&format!(" AND u.created_at >= {}", args.int(s)));
             }
-            if let Some(s) = until {
+            if let Some(s) = filter.until {
                 w.push_str(&format!(" AND u.created_at < {}", args.int(s)));
+            }
+            for (col, v) in [
+                ("u.model", &filter.model),
+                ("u.user_id", &filter.user),
+                ("u.project_id", &filter.project_id),
+                ("u.key_id", &filter.key_id),
+                ("u.account_id", &filter.account_id),
+            ] {
+                if let Some(v) = v {
+                    w.push_str(&format!(" AND {col} = {}", args.text(v)));
+                }
+            }
+            if let Some(t) = &filter.tag {
+                w.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM usage_tags t WHERE t.request_id = u.request_id AND t.tag = {})",
+                    args.text(t)
+                ));
+            }
+            for (name, value) in &filter.labels {
+                let (a, b) = (args.text(name), args.text(value));
+                w.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM usage_labels l WHERE l.request_id = u.request_id AND l.name = {a} AND l.value = {b})"
+                ));
             }
             w
         };

@@ -1130,7 +1130,10 @@ async fn campaign_report_joins_feedback() {
             Err(StoreError::Invalid(_))
         ));
 
-        let report = store.campaign_report("camp_1", None, None).await.unwrap();
+        let report = store
+            .campaign_report("camp_1", &UsageQuery::default())
+            .await
+            .unwrap();
         let variants: Vec<_> = report.iter().map(|r| r.variant.clone().unwrap()).collect();
         assert_eq!(variants, strs(&["a", "b", "c"]), "{url}");
         let a = &report[0];
@@ -1156,21 +1159,34 @@ async fn campaign_report_joins_feedback() {
         // A window leaves r4 (variant c) out.
         let since = records.iter().map(|r| r.created_at).min().unwrap();
         let window = store
-            .campaign_report("camp_1", Some(since), Some(since + 1_000))
+            .campaign_report(
+                "camp_1",
+                &UsageQuery {
+                    since: Some(since),
+                    until: Some(since + 1_000),
+                    ..UsageQuery::default()
+                },
+            )
             .await
             .unwrap();
         let variants: Vec<_> = window.iter().map(|r| r.variant.clone().unwrap()).collect();
         assert_eq!(variants, strs(&["a", "b"]));
         assert_eq!(window[0], report[0]);
         let later = store
-            .campaign_report("camp_1", Some(since + 1_000), None)
+            .campaign_report(
+                "camp_1",
+                &UsageQuery {
+                    since: Some(since + 1_000),
+                    ..UsageQuery::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].variant.as_deref(), Some("c"));
 
         assert!(store
-            .campaign_report("camp_none", None, None)
+            .campaign_report("camp_none", &UsageQuery::default())
             .await
             .unwrap()
             .is_empty());
