@@ -428,6 +428,9 @@ pub struct MessagesResponse {
     pub stop_sequence: Option<String>,
     /// Token counts.
     pub usage: MessagesUsage,
+    /// parlance: the server-side session this turn belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 /// Anthropic's error body for an [`ApiError`].

@@ -1227,3 +1227,71 @@ async fn command_line_manages_projects_and_campaigns() {
     let (ok, _, err) = run(&["projects", "delete", "cli-proj"]);
     assert!(ok, "{err}");
 }
+
+#[tokio::test]
+async fn the_anthropic_door_resolves_projects_and_continues_sessions() {
+    let (s, seen) = gateway().await;
+    let key = account_key(&s, "a").await;
+    let (st, _) = admin(
+        &s,
+        "POST",
+        "/admin/projects",
+        Some(json!({"name": "anth", "default_model": "inspect", "sessions": true, "system_prompt": "Be {{ tone }}."})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let send = |body: Value| {
+        let s = &s;
+        let key = key.clone();
+        async move {
+            let r = client()
+                .post(s.url("/v1/messages"))
+                .header("x-api-key", key)
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, r) = send(
+        json!({"model": "anth", "max_tokens": 20, "system_prompt_args": {"tone": "brief"},
+                              "messages": [user("First.")]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["model"], "inspect");
+    let session = r["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        last_body(&seen, "ok")["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    let (st, _) = send(json!({"model": "anth", "max_tokens": 20, "session_id": session, "system_prompt_args": {"tone": "brief"},
+                              "messages": [user("Second.")]}))
+    .await;
+    assert_eq!(st, 200);
+    let contents: Vec<Value> = last_body(&seen, "ok")["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(
+        contents,
+        vec![
+            json!("Be brief."),
+            json!("First."),
+            json!("Hello from upstream"),
+            json!("Second.")
+        ]
+    );
+    // Errors keep Anthropic's shape.
+    let (st, e) = send(json!({"model": "anth", "max_tokens": 20, "messages": [user("x")]})).await;
+    assert_eq!(st, 400);
+    assert_eq!(e["type"], "error");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("`tone`"),
+        "{e}"
+    );
+}

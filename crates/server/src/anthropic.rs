@@ -34,12 +34,13 @@ pub(crate) async fn messages(
         crate::chat::begin(&state, &principal, body, parse_messages_request).await?;
     let id = format!("msg_{}", started.request_id);
     let rate = started.rate_limit;
+    let session_id = started.session_id.clone();
     let model = started
         .model
         .clone()
         .unwrap_or_else(|| request.model.clone());
     if request.stream {
-        let mut resp = stream(id, model, started.stream).into_response();
+        let mut resp = stream(id, model, session_id, started.stream).into_response();
         crate::error::add_rate_headers(&mut resp, rate);
         return Ok(resp);
     }
@@ -97,6 +98,7 @@ pub(crate) async fn messages(
         stop_reason: Some(stop.0),
         stop_sequence: stop.1,
         usage: usage_of(&usage),
+        session_id,
     })
     .into_response();
     crate::error::add_rate_headers(&mut resp, rate);
@@ -143,7 +145,12 @@ fn event(kind: &str, data: serde_json::Value) -> Event {
 /// `tool_use` blocks with `input_json_delta` fragments), `message_delta`, `message_stop`; an
 /// error after the start is an `error` event that ends the stream. Blocks open when their first
 /// content arrives (a thinking block before the text, as Anthropic's own streams order them).
-fn stream(id: String, model: String, started: parlance_providers::ChatStream) -> impl IntoResponse {
+fn stream(
+    id: String,
+    model: String,
+    session_id: Option<String>,
+    started: parlance_providers::ChatStream,
+) -> impl IntoResponse {
     let input = started.prompt_tokens.unwrap_or(0);
     let text_start = |index: u32| {
         event(
@@ -158,13 +165,17 @@ fn stream(id: String, model: String, started: parlance_providers::ChatStream) ->
             json!({"type": "content_block_stop", "index": index}),
         )
     };
+    let mut message = json!({
+        "id": id, "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": input, "output_tokens": 0,
+                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}});
+    if let (Some(s), Some(o)) = (session_id, message.as_object_mut()) {
+        o.insert("session_id".into(), json!(s));
+    }
     let opening = vec![event(
         "message_start",
-        json!({"type": "message_start", "message": {
-            "id": id, "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": 0,
-                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
+        json!({"type": "message_start", "message": message}),
     )];
     let mut stop = (StopReason::EndTurn, None);
     let mut text_open = false;
