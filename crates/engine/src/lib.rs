@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub threads: Option<u32>,
     /// Requests that may wait for a sequence before new ones are refused.
     pub max_queue: usize,
+    /// Keep the KV state of finished sequences for later prompts that start the same way.
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +50,7 @@ impl Default for EngineConfig {
             batch_size: 512,
             threads: None,
             max_queue: 256,
+            prefix_cache: true,
         }
     }
 }
@@ -269,6 +272,12 @@ impl GenerationStream {
 pub(crate) struct Gauges {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Prompt tokens of admitted requests, and of those, reused from the prefix cache.
+    pub prompt_tokens: std::sync::atomic::AtomicU64,
+    pub cached_tokens: std::sync::atomic::AtomicU64,
+    /// Admitted requests, and of those, with some prompt reused.
+    pub lookups: std::sync::atomic::AtomicU64,
+    pub hits: std::sync::atomic::AtomicU64,
     /// Set when the engine thread has ended, however it ended (a panic included).
     pub stopped: std::sync::atomic::AtomicBool,
 }

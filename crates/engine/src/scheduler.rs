@@ -7,11 +7,20 @@
 //!
 //! Flow of one forward step:
 //! 1. Take new commands (block only when nothing is running).
-//! 2. Drop the sequences of cancelled requests (their stream was dropped) and clear their KV.
+//! 2. Drop the sequences of cancelled requests (their stream was dropped).
 //! 3. Admit waiting requests while sequence ids are free. A request with `n` choices gets `n`
 //!    sequences (or as many as are free, the rest later); the first computes the prompt, the
 //!    others copy its KV state and its last logits when it is done, so the prompt is evaluated
 //!    once for all of them.
+//!
+//! The prefix cache: a sequence id whose sequence ended keeps the KV state of every token it
+//! computed (prompt and answer), remembered in its [`Slot`]. A new request takes the free slot
+//! whose tokens share the longest prefix with its prompt and computes only the rest; when a
+//! running sequence (or a free slot whose longer context is worth keeping) shares a longer
+//! prefix, its KV stream is copied into the least recently used free slot first. So a shared
+//! system prompt, the earlier turns of a conversation and the prompt of `n` choices are
+//! computed once, whichever sequence computed them, within the memory the KV streams already
+//! have (least recently used slots are overwritten first).
 //! 4. Build one batch: one token for every decoding sequence first, then prompt chunks with what
 //!    is left of `batch_size` (chunked prefill, so a long prompt never stalls running streams).
 //! 5. Decode, then sample each sequence that has logits; stream its text; finish it on end of
@@ -66,6 +75,10 @@ pub(crate) fn start(
                 .with_n_ubatch(step)
                 .with_n_seq_max(config.max_sequences)
                 .with_kv_unified(false)
+                // llama.cpp's CPU flash attention takes a different path for a large batch of
+                // queries than for a small one, so a prompt's KV state (and every token after
+                // it) would depend on how the prompt was chunked; the plain attention does not.
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
             let backend = match backend() {
@@ -153,6 +166,30 @@ struct Seq {
     done: bool,
 }
 
+/// What a sequence id's KV stream holds while no sequence uses it.
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    /// The tokens whose KV state is in the stream, from position 0.
+    tokens: Vec<u32>,
+    /// When it was last used (a tick of the scheduler), for least-recently-used choice.
+    used: u64,
+}
+
+/// A prefix shorter than this is recomputed rather than copied from another stream (a copy
+/// moves the whole stream's KV buffer).
+const MIN_COPY: usize = 32;
+
+/// The fewest prompt tokens computed in one pass. llama.cpp's CPU kernels take another path
+/// for the attention of fewer than 2 (F16) or 4 (F32) query rows, whose last bits differ; so
+/// every prompt token is computed in a pass of at least this many (a reused prefix always
+/// leaves at least this many to compute, and no chunk is cut shorter), and a prompt's KV state
+/// is the same however it was split, cached or not.
+const MIN_CHUNK: usize = 4;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 struct Scheduler<'m> {
     model: &'m LoadedModel,
     ctx: LlamaContext<'m>,
@@ -166,6 +203,10 @@ struct Scheduler<'m> {
     gauges: Arc<Gauges>,
     next_id: u64,
     piece: Vec<u8>,
+    /// By sequence id.
+    slots: Vec<Slot>,
+    prefix_cache: bool,
+    tick: u64,
 }
 
 impl<'m> Scheduler<'m> {
@@ -189,6 +230,9 @@ impl<'m> Scheduler<'m> {
             gauges,
             next_id: 0,
             piece: Vec::new(),
+            slots: vec![Slot::default(); config.max_sequences as usize],
+            prefix_cache: config.prefix_cache,
+            tick: 0,
         }
     }
 
@@ -284,13 +328,136 @@ impl<'m> Scheduler<'m> {
         self.waiting.retain(|r| r.id != id);
     }
 
-    /// Frees a sequence's KV cells and id, removing it from `seqs` (indices shift).
+    /// Frees a sequence's id, removing it from `seqs` (indices shift). With the prefix cache its
+    /// KV state stays, for a later request that starts with the same tokens.
     fn release_seq(&mut self, i: usize) {
         let seq = self.seqs.remove(i);
-        let _ = self
+        let id = seq.seq_id;
+        self.tick += 1;
+        let slot = &mut self.slots[id as usize];
+        slot.used = self.tick;
+        slot.tokens.clear();
+        if self.prefix_cache && seq.leader.is_none() {
+            // Only the prompt: the KV state of generated tokens, computed one token per step,
+            // is not bit-identical to what computing them as part of a prompt gives, and a
+            // reused prefix must give the same answer as a computed one.
+            let keep = seq.n_past.min(seq.prompt_len).min(seq.tokens.len());
+            slot.tokens.extend_from_slice(&seq.tokens[..keep]);
+        } else {
+            let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+        }
+        self.free_ids.push(id);
+    }
+
+    /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
+    /// how many of the prompt's tokens are already computed in it.
+    fn take_slot(&mut self, prompt: &[u32]) -> Option<(i32, usize)> {
+        if self.free_ids.is_empty() {
+            return None;
+        }
+        // The least recently used free slot: the one to overwrite.
+        let lru = self
+            .free_ids
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, id)| self.slots[**id as usize].used)
+            .map(|(i, _)| i)?;
+        if !self.prefix_cache || prompt.is_empty() {
+            let id = self.free_ids.swap_remove(lru);
+            self.slots[id as usize].tokens.clear();
+            let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            return Some((id, 0));
+        }
+        // At least the last tokens are computed again: their logits start the answer, and they
+        // make a pass of at least `MIN_CHUNK`.
+        let usable = prompt.len().saturating_sub(MIN_CHUNK);
+        let (best_free, free_len) = self
+            .free_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let slot = &self.slots[*id as usize];
+                (i, common_prefix(&slot.tokens, prompt).min(usable))
+            })
+            .max_by_key(|(i, len)| (*len, self.slots[self.free_ids[*i] as usize].used))?;
+        let running = self
+            .seqs
+            .iter()
+            .filter(|s| s.leader.is_none() && s.n_past > 0)
+            .map(|s| {
+                let computed = s.n_past.min(s.prompt_len).min(s.tokens.len());
+                let len = common_prefix(&s.tokens[..computed], prompt);
+                (s.seq_id, len.min(usable))
+            })
+            .max_by_key(|(_, len)| *len);
+        // A running sequence shares much more: copy its stream.
+        if let Some((src, len)) = running.filter(|(_, len)| *len >= free_len + MIN_COPY) {
+            let id = self.free_ids.swap_remove(lru);
+            tracing::debug!(src, id, len, "prefix cache: copy from a running sequence");
+            if self.copy_prefix(src, id, len) {
+                return Some((id, len));
+            }
+            return Some((id, 0));
+        }
+        let best_id = self.free_ids[best_free];
+        let held = self.slots[best_id as usize].tokens.len();
+        // The best free slot holds a longer context than this prompt would keep of it (another
+        // conversation): keep that context, and copy the shared part into the least recently
+        // used slot, or, when the shared part is short, just take that slot.
+        let idx = if held > free_len + MIN_COPY && lru != best_free {
+            if free_len >= MIN_COPY {
+                let id = self.free_ids.swap_remove(lru);
+                tracing::debug!(
+                    src = best_id,
+                    id,
+                    len = free_len,
+                    "prefix cache: copy from a free slot"
+                );
+                if self.copy_prefix(best_id, id, free_len) {
+                    return Some((id, free_len));
+                }
+                return Some((id, 0));
+            }
+            lru
+        } else {
+            best_free
+        };
+        let id = self.free_ids.swap_remove(idx);
+        let slot = &mut self.slots[id as usize];
+        let keep = common_prefix(&slot.tokens, prompt).min(usable);
+        slot.tokens.truncate(keep);
+        let cut = if keep == 0 { None } else { Some(keep as u32) };
+        if self
             .ctx
-            .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
-        self.free_ids.push(seq.seq_id);
+            .clear_kv_cache_seq(Some(id as u32), cut, None)
+            .is_err()
+        {
+            slot.tokens.clear();
+            let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            return Some((id, 0));
+        }
+        tracing::debug!(
+            id,
+            keep,
+            held = self.slots[id as usize].tokens.len(),
+            "prefix cache: reuse a slot"
+        );
+        Some((id, keep))
+    }
+
+    /// Copies the first `len` positions of `src`'s stream into `dst`'s (whose own state is
+    /// dropped); false (and `dst` empty) if llama.cpp refused.
+    fn copy_prefix(&mut self, src: i32, dst: i32, len: usize) -> bool {
+        self.slots[dst as usize].tokens.clear();
+        let ok = self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
+            && self
+                .ctx
+                .clear_kv_cache_seq(Some(dst as u32), Some(len as u32), None)
+                .is_ok();
+        if !ok {
+            let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
+        }
+        ok
     }
 
     fn admit(&mut self) {
@@ -305,10 +472,24 @@ impl<'m> Scheduler<'m> {
             let remaining = req.generation.n - req.next_choice;
             let k = remaining.min(self.free_ids.len() as u32);
             let mut leader = None;
+            let mut cached = 0;
             for j in 0..k {
-                let Some(seq_id) = self.free_ids.pop() else {
-                    break;
+                // The first sequence computes the prompt (from what the cache holds); the others
+                // take its state when it is done.
+                let (seq_id, reused) = if leader.is_none() {
+                    match self.take_slot(&req.generation.prompt) {
+                        Some(t) => t,
+                        None => break,
+                    }
+                } else {
+                    match self.take_slot(&[]) {
+                        Some(t) => t,
+                        None => break,
+                    }
                 };
+                if leader.is_none() {
+                    cached = reused;
+                }
                 let choice = req.next_choice + j;
                 let g = &req.generation;
                 self.seqs.push(Seq {
@@ -316,7 +497,7 @@ impl<'m> Scheduler<'m> {
                     request: req.id,
                     choice,
                     tokens: g.prompt.clone(),
-                    n_past: 0,
+                    n_past: reused,
                     prompt_len,
                     generated: 0,
                     sampler: Sampler::new(g.sampling.clone(), &g.prompt, u64::from(choice)),
@@ -337,8 +518,23 @@ impl<'m> Scheduler<'m> {
             if !req.admitted {
                 req.admitted = true;
                 req.tally.admitted.store(true, Ordering::Release);
+                req.tally
+                    .cached_tokens
+                    .store(cached as u32, Ordering::Release);
                 self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
-                let _ = req.tx.send(Event::Admitted { cached_tokens: 0 });
+                self.gauges
+                    .prompt_tokens
+                    .fetch_add(prompt_len as u64, Ordering::Relaxed);
+                self.gauges
+                    .cached_tokens
+                    .fetch_add(cached as u64, Ordering::Relaxed);
+                self.gauges.lookups.fetch_add(1, Ordering::Relaxed);
+                if cached > 0 {
+                    self.gauges.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = req.tx.send(Event::Admitted {
+                    cached_tokens: cached as u32,
+                });
             }
             let more = req.next_choice < req.generation.n;
             let placeholder = more.then(|| Request {
@@ -363,12 +559,14 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// Builds the batch; returns false when nothing could be added.
-    fn build_batch(&mut self) -> Result<bool, String> {
+    /// Adds one token for every decoding sequence, in sequence-id order; returns how many.
+    fn build_decode_batch(&mut self) -> Result<usize, String> {
         self.batch.clear();
+        let mut order: Vec<usize> = (0..self.seqs.len()).collect();
+        order.sort_by_key(|&i| self.seqs[i].seq_id);
         let mut n = 0usize;
-        // Decode tokens first: running streams never wait behind a prompt.
-        for s in &mut self.seqs {
+        for i in order {
+            let s = &mut self.seqs[i];
             s.logits_at = None;
             if s.leader.is_some() || s.done {
                 continue;
@@ -383,69 +581,108 @@ impl<'m> Scheduler<'m> {
                 n += 1;
             }
         }
-        // Then prompt chunks, oldest request first.
-        let mut budget = self.batch_size.saturating_sub(n).max(1);
-        for s in &mut self.seqs {
-            if budget == 0 {
-                break;
-            }
-            // Only sequences with prompt tokens still to compute.
-            if s.leader.is_some() || s.done || s.logits_at.is_some() || s.n_past >= s.tokens.len() {
-                continue;
-            }
-            let start = s.n_past;
-            let take = (s.tokens.len() - start).min(budget);
-            for p in start..start + take {
-                let last = p + 1 == s.tokens.len();
-                self.batch
-                    .add(LlamaToken(s.tokens[p] as i32), p as i32, &[s.seq_id], last)
-                    .map_err(|e| e.to_string())?;
-                n += 1;
-            }
-            if start + take == s.tokens.len() {
-                s.logits_at = Some(n as i32 - 1);
-            }
-            s.n_past += take;
-            budget -= take;
-        }
-        Ok(n > 0)
+        Ok(n)
     }
 
-    fn step(&mut self) -> Result<(), String> {
-        if !self.build_batch()? {
-            return Ok(());
-        }
+    /// Decodes the batch as built.
+    fn decode(&mut self, what: &'static str) -> Result<(), String> {
         let started = std::time::Instant::now();
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| e.to_string())?;
         tracing::trace!(
+            what,
             tokens = self.batch.n_tokens(),
             sequences = self.seqs.len(),
             micros = started.elapsed().as_micros() as u64,
-            "forward step"
+            "forward pass"
         );
-        // Choices waiting on a shared prompt take its KV state and logits once it is in.
-        let ready: Vec<(i32, usize, i32)> = self
-            .seqs
-            .iter()
-            .filter_map(|s| s.logits_at.map(|at| (s.seq_id, s.n_past, at)))
-            .collect();
-        for (leader, n_past, at) in ready {
-            for i in 0..self.seqs.len() {
-                if self.seqs[i].leader == Some(leader) {
-                    let id = self.seqs[i].seq_id;
-                    self.ctx
-                        .copy_kv_cache_seq(leader, id, None, None)
-                        .map_err(|e| e.to_string())?;
-                    let f = &mut self.seqs[i];
-                    f.n_past = n_past;
-                    f.leader = None;
-                    f.logits_at = Some(at);
-                }
-            }
+        Ok(())
+    }
+
+    /// One forward step: every decoding sequence's next token in one pass, then prompt chunks,
+    /// each sequence's in a pass of its own, within what is left of `batch_size`.
+    ///
+    /// Keeping them apart makes each sequence's arithmetic independent of what else runs:
+    /// llama.cpp splits a batch that mixes sequences with different token counts into
+    /// micro-batches of equal counts per sequence, so a prompt batched with decoding sequences
+    /// would be cut into pieces that depend on the load (and the KV state computed in a piece
+    /// of one token differs in its last bits from the same state computed in a larger piece).
+    fn step(&mut self) -> Result<(), String> {
+        let decoding = self.build_decode_batch()?;
+        if decoding > 0 {
+            self.decode("decode")?;
+            self.sample_all();
         }
-        self.sample_all();
+        // Prompt chunks, oldest request first.
+        let mut budget = self.batch_size.saturating_sub(decoding);
+        let mut prefilled = false;
+        let mut i = 0;
+        while i < self.seqs.len() {
+            let s = &self.seqs[i];
+            if s.leader.is_some() || s.done || s.n_past >= s.prompt_len.min(s.tokens.len()) {
+                i += 1;
+                continue;
+            }
+            let start = s.n_past;
+            let end = s.tokens.len();
+            // A prompt is cut only where `batch_size` cuts it, the same under any load:
+            // chunks start at multiples of `batch_size` from where computing began.
+            let mut take = (end - start).min(self.batch_size);
+            let rest = end - start - take;
+            if rest > 0 && rest < MIN_CHUNK {
+                // Leave the last chunk at least MIN_CHUNK long.
+                take = take.saturating_sub(MIN_CHUNK - rest).max(1);
+            }
+            if take > budget && prefilled {
+                // Not enough room left in this step for the next whole chunk (the first one of a
+                // step always runs, so a long prompt is never starved by running streams).
+                break;
+            }
+            prefilled = true;
+            self.batch.clear();
+            let id = s.seq_id;
+            for p in start..start + take {
+                let last = p + 1 == end;
+                self.batch
+                    .add(
+                        LlamaToken(self.seqs[i].tokens[p] as i32),
+                        p as i32,
+                        &[id],
+                        last,
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            self.seqs[i].n_past += take;
+            budget = budget.saturating_sub(take);
+            self.decode("prompt")?;
+            if start + take == end {
+                let at = take as i32 - 1;
+                for s in &mut self.seqs {
+                    s.logits_at = None;
+                }
+                self.seqs[i].logits_at = Some(at);
+                // Choices waiting on this prompt take its KV state and logits.
+                let n_past = self.seqs[i].n_past;
+                for j in 0..self.seqs.len() {
+                    if self.seqs[j].leader == Some(id) {
+                        let f = self.seqs[j].seq_id;
+                        self.ctx
+                            .copy_kv_cache_seq(id, f, None, None)
+                            .map_err(|e| e.to_string())?;
+                        let f = &mut self.seqs[j];
+                        f.n_past = n_past;
+                        f.leader = None;
+                        f.logits_at = Some(at);
+                    }
+                }
+                self.sample_all();
+            }
+            i += 1;
+        }
+        for s in &mut self.seqs {
+            s.logits_at = None;
+        }
         self.reap();
         Ok(())
     }
@@ -630,6 +867,9 @@ impl<'m> Scheduler<'m> {
         let unadmitted = self.waiting.iter().filter(|r| !r.admitted).count();
         self.gauges.queued.fetch_sub(unadmitted, Ordering::AcqRel);
         self.ctx.clear_kv_cache();
+        for slot in &mut self.slots {
+            slot.tokens.clear();
+        }
         self.free_ids.extend(self.seqs.drain(..).map(|s| s.seq_id));
         self.active.clear();
         self.waiting.clear();

@@ -90,6 +90,8 @@ pub struct EngineSection {
     pub threads: Option<u32>,
     /// Requests that may wait before 503.
     pub max_queue: Option<usize>,
+    /// Reuse the KV state of earlier prompts (default: on).
+    pub prefix_cache: Option<bool>,
 }
 
 impl EngineSection {
@@ -101,6 +103,7 @@ impl EngineSection {
             batch_size: self.batch_size.or(other.batch_size),
             threads: self.threads.or(other.threads),
             max_queue: self.max_queue.or(other.max_queue),
+            prefix_cache: self.prefix_cache.or(other.prefix_cache),
         }
     }
 
@@ -113,6 +116,7 @@ impl EngineSection {
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             threads: self.threads.or(d.threads),
             max_queue: self.max_queue.unwrap_or(d.max_queue),
+            prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
         };
         if c.max_sequences == 0 || c.max_sequences > 256 {
             bail!("max_sequences must be between 1 and 256");

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Requests that may wait for a sequence before new ones get 503 [default: 256].
     #[arg(long, env = "PARLANCE_MAX_QUEUE")]
     max_queue: Option<usize>,
+    /// Turn off the prefix cache (every prompt is computed in full).
+    #[arg(long, env = "PARLANCE_NO_PREFIX_CACHE")]
+    no_prefix_cache: bool,
     /// Status for out-of-range parameter values: 400 (OpenAI's) or 422 [default: 400].
     #[arg(long, env = "PARLANCE_INVALID_VALUE_STATUS")]
     invalid_value_status: Option<u16>,
@@ -137,6 +140,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         threads: args.threads,
         max_queue: args.max_queue,
+        prefix_cache: args.no_prefix_cache.then_some(false),
     };
     let defaults = flags.or(&file.engine);
     let mut specs = Vec::new();

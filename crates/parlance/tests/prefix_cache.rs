@@ -1,0 +1,150 @@
+//! The prefix cache on the real model: what it reuses is reported in `cached_tokens`, and it
+//! never changes an answer: the same seeded requests give the same text with the cache on and
+//! off, one at a time or concurrently, and after their prefixes were evicted.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+mod common;
+
+use common::{post, Server, MODEL};
+use serde_json::{json, Value};
+
+const SYSTEM: &str = "You are the ship's cook on a long voyage across the northern sea. You \
+    answer every question with a story about the galley, the crew, the storms and the fish you \
+    caught, and you always end with a recipe that uses whatever is left in the hold.";
+
+fn ask(system: Option<&str>, turns: &[(&str, &str)], question: &str, max_tokens: u32) -> Value {
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    for (q, a) in turns {
+        messages.push(json!({"role": "user", "content": q}));
+        messages.push(json!({"role": "assistant", "content": a}));
+    }
+    messages.push(json!({"role": "user", "content": question}));
+    json!({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0.8,
+           "seed": 7})
+}
+
+async fn answer(s: &Server, body: &Value) -> (String, u64, u64) {
+    let (st, _, v) = post(s, body).await;
+    assert_eq!(st, 200, "{v}");
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn reused_prefixes_are_reported_and_never_change_an_answer() {
+    let cached = Server::start(&[]);
+    let fresh = Server::start(&["--no-prefix-cache"]);
+    let questions = [
+        "What did you cook today?",
+        "Who is the best sailor?",
+        "Tell me about the storm.",
+        "What fish did you catch?",
+    ];
+
+    // One at a time: after the first, the system prompt comes from the cache.
+    let mut first_prompt = 0;
+    for (i, q) in questions.iter().enumerate() {
+        let body = ask(Some(SYSTEM), &[], q, 24);
+        let (a, prompt, hit) = answer(&cached, &body).await;
+        let (b, prompt_b, miss) = answer(&fresh, &body).await;
+        assert_eq!(a, b, "question {i}: cached and computed prefixes disagree");
+        assert_eq!(prompt, prompt_b);
+        assert_eq!(miss, 0, "the cache is off");
+        if i == 0 {
+            first_prompt = prompt;
+        } else {
+            // The system prompt (some 50 tokens) and the template around it were reused.
+            assert!(
+                hit >= 50 && hit < prompt,
+                "question {i}: {hit} of {prompt} cached"
+            );
+        }
+    }
+
+    // The next turn of a conversation reuses the whole of the first turn.
+    let (a1, _, _) = answer(&cached, &ask(Some(SYSTEM), &[], questions[0], 24)).await;
+    let turn2 = ask(Some(SYSTEM), &[(questions[0], &a1)], "And for dessert?", 24);
+    let (a2, prompt2, hit2) = answer(&cached, &turn2).await;
+    let (b2, _, _) = answer(&fresh, &turn2).await;
+    assert_eq!(a2, b2);
+    assert!(
+        hit2 >= first_prompt,
+        "turn 2 reused {hit2} tokens; turn 1's prompt alone was {first_prompt} (of {prompt2})"
+    );
+
+    // Concurrent requests sharing the prefix, finishing in any order (different lengths), give
+    // what each gives alone on a server without the cache.
+    let bodies: Vec<Value> = (0..8)
+        .map(|i| ask(Some(SYSTEM), &[], questions[i % 4], 4 + 6 * (i as u32 % 4)))
+        .collect();
+    let together = futures::future::join_all(bodies.iter().map(|b| answer(&cached, b))).await;
+    for (body, (text, _, _)) in bodies.iter().zip(&together) {
+        let (alone, _, _) = answer(&fresh, body).await;
+        assert_eq!(text, &alone);
+    }
+    assert!(together.iter().all(|(_, _, hit)| *hit >= 50));
+
+    // `n` choices share their prompt; every choice matches the uncached server's.
+    let mut body = ask(Some(SYSTEM), &[], questions[1], 12);
+    body["n"] = json!(3);
+    let texts = |v: &Value| -> Vec<Value> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| json!([c["message"]["content"], c["finish_reason"]]))
+            .collect()
+    };
+    let (_, _, a) = post(&cached, &body).await;
+    let (_, _, b) = post(&fresh, &body).await;
+    assert_eq!(texts(&a), texts(&b));
+    assert_eq!(texts(&a).len(), 3);
+}
+
+#[tokio::test]
+async fn least_recently_used_prefixes_are_evicted_first() {
+    // Two KV streams: room for two cached prompts.
+    let s = Server::start(&["--max-sequences", "2"]);
+    let long = |topic: &str| {
+        format!(
+            "Write a long, careful and detailed explanation of {topic}, covering its history, \
+             the people involved, the main ideas, the common mistakes beginners make, and what \
+             to read next to learn more about {topic}."
+        )
+    };
+    let (a, b, c) = (long("sailing"), long("bread baking"), long("astronomy"));
+    let mut first = Vec::new();
+    for p in [&a, &b, &c] {
+        first.push(answer(&s, &ask(None, &[], p, 1)).await);
+    }
+    // The template's preamble is all any two of these share (`c` took the slot of `a`, the
+    // least recently used, and reused that much of it).
+    let preamble = first[2].2;
+    assert!(preamble > 0 && preamble < 40, "{first:?}");
+    // `b` and `c` are cached whole (all but the last 4 prompt tokens, computed again in one pass
+    // whose last logits start the answer); `a`, the least recently used, was overwritten.
+    let (_, prompt_b, hit_b) = answer(&s, &ask(None, &[], &b, 1)).await;
+    assert_eq!(hit_b, prompt_b - 4);
+    let (_, _, hit_a) = answer(&s, &ask(None, &[], &a, 1)).await;
+    assert_eq!(hit_a, preamble);
+    // And the answers are still the ones computed from scratch.
+    let (again, _, _) = answer(&s, &ask(None, &[], &c, 1)).await;
+    assert_eq!(again, first[2].0);
+}
