@@ -993,7 +993,8 @@ async fn project_tools_are_switched_and_http_tools_run_in_a_loop() {
                  "http": {"url": format!("{tools}/weather"), "headers": {"x-tool-secret": "s3"}}},
                 {"id": "broken", "http": {"url": format!("{tools}/fail")}},
                 {"id": "sleepy", "http": {"url": format!("{tools}/hang"), "timeout_ms": 300}},
-                {"id": "lookup", "description": "Runs on the caller's side"},
+                {"id": "lookup", "description": "Runs on the caller's side",
+                 "parameters": {"type": "object", "properties": {"q": {"type": "string", "maxLength": 20}}, "required": ["q"], "additionalProperties": false}},
                 {"id": "dormant", "enabled": false, "http": {"url": format!("{tools}/weather")}}
             ]
         })),
@@ -1103,7 +1104,7 @@ async fn project_tools_are_switched_and_http_tools_run_in_a_loop() {
     let (st, r) = chat(
         &s,
         &key,
-        &json!({"model": "agents/smollm2", "messages": [user("Look it up.")], "tool_choice": {"type": "function", "function": {"name": "lookup"}}, "max_tokens": 40}),
+        &json!({"model": "agents/smollm2", "messages": [user("Look it up.")], "tool_choice": {"type": "function", "function": {"name": "lookup"}}, "max_tokens": 60}),
     )
     .await;
     assert_eq!(st, 200, "{r}");

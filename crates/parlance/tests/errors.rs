@@ -80,7 +80,7 @@ async fn invalid_requests_get_the_envelope() {
     assert_eq!(r.status(), 404);
     assert_envelope(&r.json().await.unwrap());
     let r = client()
-        .get(s.url("/v1/chat/completions"))
+        .put(s.url("/v1/chat/completions"))
         .send()
         .await
         .unwrap();

@@ -37,7 +37,9 @@ fn scratch() -> std::path::PathBuf {
     d
 }
 
-/// A server with prices and the admin API, on the given extra flags.
+/// A server with prices and the admin API, on the given extra flags. The prefix cache is off:
+/// these tests count money to the micro-unit from uncached prices (what the cache saves is
+/// tested on its own, in `reused_prompt_tokens_are_billed_at_the_cached_price`).
 fn priced_server(extra: &[&str]) -> Server {
     priced_server_env(extra, &[])
 }
@@ -56,7 +58,10 @@ fn priced_server_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         ADMIN,
         "--exit-on-stdin-eof",
     ];
-    args.extend_from_slice(extra);
+    if !extra.contains(&"--prefix-cache-on") {
+        args.push("--no-prefix-cache");
+    }
+    args.extend(extra.iter().copied().filter(|a| *a != "--prefix-cache-on"));
     Server::start_with_env(&args, env)
 }
 
@@ -664,5 +669,53 @@ async fn a_dead_replicas_holds_are_given_back() {
     assert_eq!(
         a_after["balance"], 100_000,
         "the dead request must not be charged: {a_after}"
+    );
+}
+
+#[tokio::test]
+async fn reused_prompt_tokens_are_billed_at_the_cached_price() {
+    let s = priced_server(&["--prefix-cache-on"]);
+    let (acct, key) = funded_key(&s, "cache", 100_000, json!({})).await;
+    let long = "Describe, in careful detail and in order, every step of baking a loaf of \
+                sourdough bread, from feeding the starter to cooling the loaf on a rack.";
+    let (st, _, first) = chat_as(&s, &key, &exact(4, long)).await;
+    assert_eq!(st, 200, "{first}");
+    let (st, _, second) = chat_as(&s, &key, &exact(4, long)).await;
+    assert_eq!(st, 200);
+    let u = &second["usage"];
+    let (prompt, cached, completion) = (
+        u["prompt_tokens"].as_i64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_i64()
+            .unwrap(),
+        u["completion_tokens"].as_i64().unwrap(),
+    );
+    assert!(cached > 20 && cached < prompt, "{u}");
+    // Prices per million: prompt 1, cached prompt 0.5, completion 2 (× 10^6 micro-units);
+    // one request's cost is rounded up once.
+    let cost = |prompt: i64, cached: i64, completion: i64| {
+        (prompt - cached) + (cached + 1) / 2 + 2 * completion
+    };
+    let f = &first["usage"];
+    let first_cost = cost(
+        f["prompt_tokens"].as_i64().unwrap(),
+        f["prompt_tokens_details"]["cached_tokens"]
+            .as_i64()
+            .unwrap(),
+        f["completion_tokens"].as_i64().unwrap(),
+    );
+    let a = settled_account(&s, &acct).await;
+    assert_eq!(
+        a["balance"],
+        100_000 - first_cost - cost(prompt, cached, completion),
+        "{a}"
+    );
+    let (_, g) = admin(&s, "GET", "/admin/usage?account=cache", None).await;
+    assert_eq!(
+        g["data"][0]["cached_tokens"].as_i64().unwrap(),
+        cached
+            + f["prompt_tokens_details"]["cached_tokens"]
+                .as_i64()
+                .unwrap()
     );
 }

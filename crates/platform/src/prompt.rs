@@ -8,7 +8,16 @@ use serde_json::{Map, Value};
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    // Errors then carry where in the template they happened, which names the variable.
+    env.set_debug(true);
     env
+}
+
+/// `name` or `name.attr`: what an undefined-variable error points at.
+fn is_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
 }
 
 /// Checks that a template compiles (when a project or campaign is saved).
@@ -33,6 +42,17 @@ pub fn render(source: &str, args: &Map<String, Value>) -> Result<String, ApiErro
     match template.render(args) {
         Ok(text) => Ok(text),
         Err(e) if e.kind() == ErrorKind::UndefinedError => {
+            if let Some(name) = e
+                .range()
+                .and_then(|r| source.get(r))
+                .map(str::trim)
+                .filter(|n| is_path(n))
+            {
+                return Err(ApiError::invalid(
+                    "system_prompt_args",
+                    format!("The system-prompt template cannot be rendered: missing variable `{name}`. Pass it in 'system_prompt_args'."),
+                ));
+            }
             let globals: Vec<String> = env.globals().map(|(k, _)| k.to_owned()).collect();
             let known = |name: &str| {
                 let root = name.split('.').next().unwrap_or(name);
@@ -114,8 +134,10 @@ mod tests {
         assert!(e.to_string().contains("`customer`"), "{e}");
         let e = render(t, &args(json!({"customer": "Ada", "company": {}}))).unwrap_err();
         assert!(e.to_string().contains("`company.name`"), "{e}");
-        let e = render("{{ a }} {{ b }}", &args(json!({}))).unwrap_err();
-        assert!(e.to_string().contains("`a`, `b`"), "{e}");
+        let e = render("{{ a }} {{ b }}", &args(json!({"a": 1}))).unwrap_err();
+        assert!(e.to_string().contains("`b`"), "{e}");
+        let e = render("{{ a ~ b }}", &args(json!({}))).unwrap_err();
+        assert!(e.to_string().contains("`a`"), "{e}");
     }
 
     #[test]
