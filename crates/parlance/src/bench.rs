@@ -1,8 +1,24 @@
 //! `parlance bench`: an LLM-aware load generator for any OpenAI-compatible server. It streams
-//! chat completions and measures time to first token, inter-token latency and output tokens per
-//! second, for the workloads of the performance plan (W1: one stream; W2: a concurrency sweep),
-//! and prints a table. The `rate` workload sends short plain requests at fixed rates (open loop)
-//! and reports latency percentiles: run it against a fast model (the `echo` provider) with and
+//! chat completions (`temperature: 0`, `ignore_eos` unless `--no-ignore-eos`) and prints a table
+//! for each workload of the performance plan:
+//!
+//! - W1, one stream: decode tokens per second and time to first token (TTFT).
+//! - W2, a concurrency sweep: total output tokens per second, TTFT and inter-token latency
+//!   percentiles at each concurrency. Every request of W1 and W2 opens its system prompt with a
+//!   fresh tag, so no server can answer it from a prompt cache.
+//! - W3, a shared prefix: a system prompt of about 1,000 tokens, the same for every request of a
+//!   run (opened by a tag fresh for each run), and a distinct short question per request, at
+//!   concurrency 8. TTFT percentiles, total tokens per second and the prompt tokens the server
+//!   reports as cached (`usage.prompt_tokens_details.cached_tokens`, `-` when it reports none).
+//! - W4, conversations: five turns each, every turn resending the whole history (the assistant's
+//!   answers as received) and a new question. TTFT and cached tokens per turn, and TTFT of the
+//!   last turn against the first.
+//! - W5, overload: 512 short requests fired from 256 workers at once. Counts of completed
+//!   requests, 503 refusals (and how long they took), other statuses, errors and requests that
+//!   hung past a timeout, and whether every request completed or was refused within 50 ms.
+//!
+//! The `rate` workload (not in `all`) sends short plain requests at fixed rates (open loop) and
+//! reports latency percentiles: run it against a fast model (the `echo` provider) with and
 //! without keys, limits and prices to measure what the platform path adds.
 
 use std::sync::Arc;
@@ -24,10 +40,11 @@ pub struct BenchArgs {
     /// Bearer key, if the server needs one.
     #[arg(long, env = "PARLANCE_BENCH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Workloads to run: w1, w2 or all.
-    #[arg(long, default_value = "all")]
-    workload: String,
-    /// Tokens generated per request (sent with `ignore_eos` so every request runs this long).
+    /// Workloads to run, comma-separated: w1, w2, w3, w4, w5, rate, or all (w1 to w5).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    workload: Vec<String>,
+    /// Tokens generated per request of W1, W2 and W3 (sent with `ignore_eos` so every request
+    /// runs this long).
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
     /// Requests per concurrency level in W2.
@@ -36,9 +53,42 @@ pub struct BenchArgs {
     /// Concurrency levels of W2.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
     concurrency: Vec<usize>,
-    /// Repeat each measurement this many times and report the median.
+    /// Repeat each measurement of W1, W2 and W3 this many times and report the median.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Requests per run of W3.
+    #[arg(long, default_value_t = 32)]
+    w3_requests: usize,
+    /// Concurrency of W3.
+    #[arg(long, default_value_t = 8)]
+    w3_concurrency: usize,
+    /// Approximate length in tokens of W3's shared system prompt.
+    #[arg(long, default_value_t = 1000)]
+    w3_prefix_tokens: usize,
+    /// Conversations of W4.
+    #[arg(long, default_value_t = 4)]
+    w4_conversations: usize,
+    /// Conversations of W4 in flight at once (1: one after the other).
+    #[arg(long, default_value_t = 1)]
+    w4_concurrency: usize,
+    /// Turns per conversation of W4.
+    #[arg(long, default_value_t = 5)]
+    w4_turns: usize,
+    /// Tokens generated per turn of W4.
+    #[arg(long, default_value_t = 32)]
+    w4_max_tokens: u32,
+    /// Requests of W5.
+    #[arg(long, default_value_t = 512)]
+    w5_requests: usize,
+    /// Requests of W5 in flight at once.
+    #[arg(long, default_value_t = 256)]
+    w5_concurrency: usize,
+    /// Tokens generated per request of W5.
+    #[arg(long, default_value_t = 16)]
+    w5_max_tokens: u32,
+    /// Seconds after which a request of W5 counts as hung and is abandoned.
+    #[arg(long, default_value_t = 120)]
+    w5_timeout: u64,
     /// Request rates (per second) of the `rate` workload.
     #[arg(long, value_delimiter = ',', default_value = "500,1000")]
     rate: Vec<u32>,
@@ -60,8 +110,20 @@ struct Sample {
     ttft: Option<Duration>,
     gaps: Vec<Duration>,
     tokens: u32,
+    /// To the end of the stream; to the status line when the answer was not a success.
     total: Duration,
+    /// The stream ended with `[DONE]`.
     ok: bool,
+    /// The answer's HTTP status; 0 when none came.
+    status: u16,
+    /// Abandoned after the per-request timeout.
+    timed_out: bool,
+    /// `usage.prompt_tokens`, when reported.
+    prompt_tokens: Option<u32>,
+    /// `usage.prompt_tokens_details.cached_tokens`, when reported.
+    cached_tokens: Option<u32>,
+    /// The streamed content.
+    text: String,
 }
 
 struct Client {
@@ -93,12 +155,21 @@ impl Client {
             Ok(r) => r,
             Err(e) if e.is_connect() || e.is_request() => match send().await {
                 Ok(r) => r,
-                Err(_) => return s,
+                Err(_) => {
+                    s.total = start.elapsed();
+                    return s;
+                }
             },
-            Err(_) => return s,
+            Err(_) => {
+                s.total = start.elapsed();
+                return s;
+            }
         };
+        s.status = resp.status().as_u16();
         if !resp.status().is_success() {
             s.total = start.elapsed();
+            // Read the error so that the connection can serve the next request.
+            let _ = resp.bytes().await;
             return s;
         }
         let mut bytes = resp.bytes_stream();
@@ -120,8 +191,12 @@ impl Client {
                     let Ok(v) = serde_json::from_str::<Value>(data) else {
                         continue;
                     };
-                    if let Some(u) = v.get("usage").and_then(|u| u.get("completion_tokens")) {
-                        s.tokens = u.as_u64().unwrap_or(0) as u32;
+                    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                        let n = |p: &str| u.pointer(p).and_then(Value::as_u64).map(|n| n as u32);
+                        s.tokens = n("/completion_tokens").unwrap_or(0);
+                        s.prompt_tokens = n("/prompt_tokens").or(s.prompt_tokens);
+                        s.cached_tokens =
+                            n("/prompt_tokens_details/cached_tokens").or(s.cached_tokens);
                     }
                     let content = v
                         .pointer("/choices/0/delta/content")
@@ -135,6 +210,7 @@ impl Client {
                         }
                         last = Some(now);
                         counted += 1;
+                        s.text.push_str(content);
                     }
                 }
             }
@@ -145,15 +221,39 @@ impl Client {
         s.total = start.elapsed();
         s
     }
+
+    /// [`Client::stream_one`], abandoned after `timeout` if one is given.
+    async fn stream_timed(&self, body: &Value, timeout: Option<Duration>) -> Sample {
+        let Some(t) = timeout else {
+            return self.stream_one(body).await;
+        };
+        match tokio::time::timeout(t, self.stream_one(body)).await {
+            Ok(s) => s,
+            Err(_) => Sample {
+                timed_out: true,
+                total: t,
+                ..Sample::default()
+            },
+        }
+    }
 }
 
 /// A streamed request. `tag` opens the system prompt, so requests with distinct tags share no
 /// prefix and no server can answer them from a prompt cache (W1, W2 measure uncached work).
 fn body(args: &BenchArgs, tag: &str, prompt: &str) -> Value {
+    body_with_system(
+        args,
+        &format!("Session {tag}. You are a helpful assistant."),
+        prompt,
+    )
+}
+
+/// A streamed request with this system prompt.
+fn body_with_system(args: &BenchArgs, system: &str, prompt: &str) -> Value {
     let mut b = json!({
         "model": args.model,
         "messages": [
-            {"role": "system", "content": format!("Session {tag}. You are a helpful assistant.")},
+            {"role": "system", "content": system},
             {"role": "user", "content": prompt},
         ],
         "max_tokens": args.max_tokens,
@@ -197,6 +297,26 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `x` with one decimal, or `-` when there is none (NaN).
+fn f1(x: f64) -> String {
+    if x.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// `x` rounded, or `-` when there is none (NaN).
+fn f0(x: f64) -> String {
+    if x.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+const WORKLOADS: [&str; 5] = ["w1", "w2", "w3", "w4", "w5"];
+
 #[expect(clippy::print_stdout, reason = "the bench prints its table")]
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runs = args.runs.max(1);
@@ -210,26 +330,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         url: args.url.trim_end_matches('/').to_owned(),
         key: args.api_key.clone(),
     });
-    let w = args.workload.to_lowercase();
-    if !matches!(w.as_str(), "w1" | "w2" | "all" | "rate") {
-        bail!("--workload must be w1, w2, rate or all");
+    let mut want: Vec<String> = Vec::new();
+    for w in &args.workload {
+        let w = w.trim().to_lowercase();
+        match w.as_str() {
+            "all" => want.extend(WORKLOADS.iter().map(|w| (*w).to_owned())),
+            "w1" | "w2" | "w3" | "w4" | "w5" | "rate" => want.push(w),
+            _ => bail!("--workload takes w1, w2, w3, w4, w5, rate or all (comma-separated)"),
+        }
     }
+    let has = |w: &str| want.iter().any(|x| x == w);
     println!(
         "parlance bench: {} model={} max_tokens={} runs={runs}",
         args.url, args.model, args.max_tokens
     );
     rt.block_on(async {
-        if w == "rate" {
-            return fixed_rates(&client, &args).await;
+        if WORKLOADS.iter().any(|w| has(w)) {
+            // Warm up: one short request so that nothing measured pays for first-use costs.
+            let mut warm = body(&args, &nonce(), "Hi");
+            warm["max_tokens"] = json!(4);
+            let s = client.stream_one(&warm).await;
+            if !s.ok {
+                bail!("the server did not answer a streamed chat completion at {}", args.url);
+            }
         }
-        // Warm up: one short request so that nothing measured pays for first-use costs.
-        let mut warm = body(&args, &nonce(), "Hi");
-        warm["max_tokens"] = json!(4);
-        let s = client.stream_one(&warm).await;
-        if !s.ok {
-            bail!("the server did not answer a streamed chat completion at {}", args.url);
-        }
-        if w == "w1" || w == "all" {
+        if has("w1") {
             let (mut tps, mut ttft) = (Vec::new(), Vec::new());
             for _ in 0..runs {
                 let s = client.stream_one(&body(&args, &nonce(), PROMPT)).await;
@@ -244,7 +369,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("|---:|---:|");
             println!("| {:.1} | {:.1} |", median(tps), median(ttft));
         }
-        if w == "w2" || w == "all" {
+        if has("w2") {
             println!();
             println!("W2 concurrency sweep ({} requests per level)", args.requests);
             println!("| concurrency | total tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |");
@@ -266,6 +391,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        if has("w3") {
+            shared_prefix(&client, &args, runs).await;
+        }
+        if has("w4") {
+            conversations(&client, &args).await;
+        }
+        if has("w5") {
+            overload(&client, &args).await;
+        }
+        if has("rate") {
+            fixed_rates(&client, &args).await?;
+        }
         anyhow::Ok(())
     })
 }
@@ -279,53 +416,371 @@ struct Row {
     failed: usize,
 }
 
-async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Row {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+impl Row {
+    /// The figures of `samples`, sent over `wall`.
+    fn of(samples: &[Sample], wall: Duration) -> Row {
+        let tokens: u64 = samples
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| u64::from(s.tokens))
+            .sum();
+        let mut ttft: Vec<f64> = samples.iter().filter_map(|s| s.ttft).map(ms).collect();
+        let mut itl: Vec<f64> = samples
+            .iter()
+            .flat_map(|s| s.gaps.iter().copied().map(ms))
+            .collect();
+        Row {
+            tps: tokens as f64 / wall.as_secs_f64().max(1e-9),
+            ttft_p50: pct(&mut ttft, 0.5),
+            ttft_p99: pct(&mut ttft, 0.99),
+            itl_p50: pct(&mut itl, 0.5),
+            itl_p99: pct(&mut itl, 0.99),
+            failed: samples.iter().filter(|s| !s.ok).count(),
+        }
+    }
+}
+
+/// Runs jobs `0..n` on `concurrency` workers, each taking the next job when its last one ends.
+/// Returns the results (in no particular order) and the wall time.
+async fn pool<T, F, Fut>(n: usize, concurrency: usize, job: F) -> (Vec<T>, Duration)
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let job = Arc::new(job);
+    let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let client = client.clone();
-        let next = next.clone();
-        let total = args.requests;
-        let prompts: Vec<Value> = (0..total)
-            .map(|i| body(args, &format!("{}-{i}", nonce()), PROMPT))
-            .collect();
+    for _ in 0..concurrency.clamp(1, n.max(1)) {
+        let (job, next) = (job.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if i >= total {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
                     return out;
                 }
-                out.push(client.stream_one(&prompts[i]).await);
+                out.push(job(i).await);
             }
         }));
     }
-    let mut samples = Vec::new();
+    let mut results = Vec::with_capacity(n);
     for t in tasks {
         if let Ok(v) = t.await {
-            samples.extend(v);
+            results.extend(v);
         }
     }
-    let wall = start.elapsed().as_secs_f64();
-    let tokens: u64 = samples
-        .iter()
-        .filter(|s| s.ok)
-        .map(|s| u64::from(s.tokens))
-        .sum();
-    let mut ttft: Vec<f64> = samples.iter().filter_map(|s| s.ttft).map(ms).collect();
-    let mut itl: Vec<f64> = samples
-        .iter()
-        .flat_map(|s| s.gaps.iter().copied().map(ms))
+    (results, start.elapsed())
+}
+
+/// Streams every body, `concurrency` at a time, each abandoned after `timeout` if given.
+async fn send_all(
+    client: &Arc<Client>,
+    bodies: Vec<Value>,
+    concurrency: usize,
+    timeout: Option<Duration>,
+) -> (Vec<Sample>, Duration) {
+    let n = bodies.len();
+    let bodies = Arc::new(bodies);
+    let client = client.clone();
+    pool(n, concurrency, move |i| {
+        let (client, bodies) = (client.clone(), bodies.clone());
+        async move { client.stream_timed(&bodies[i], timeout).await }
+    })
+    .await
+}
+
+async fn sweep(client: &Arc<Client>, args: &BenchArgs, concurrency: usize) -> Row {
+    let tag = nonce();
+    let bodies = (0..args.requests)
+        .map(|i| body(args, &format!("{tag}-{i}"), PROMPT))
         .collect();
-    Row {
-        tps: tokens as f64 / wall.max(1e-9),
-        ttft_p50: pct(&mut ttft, 0.5),
-        ttft_p99: pct(&mut ttft, 0.99),
-        itl_p50: pct(&mut itl, 0.5),
-        itl_p99: pct(&mut itl, 0.99),
-        failed: samples.iter().filter(|s| !s.ok).count(),
+    let (samples, wall) = send_all(client, bodies, concurrency, None).await;
+    Row::of(&samples, wall)
+}
+
+/// About `tokens` tokens of deterministic filler (numbered house rules), opened by `tag`: the
+/// shared system prompt of W3.
+fn shared_system(tag: &str, tokens: usize) -> String {
+    const WHO: [&str; 7] = [
+        "the keeper",
+        "the assistant keeper",
+        "the relief keeper",
+        "the inspector",
+        "the boatman",
+        "the cook",
+        "the apprentice",
+    ];
+    const DOES: [&str; 5] = [
+        "writes down",
+        "checks twice",
+        "reports to the harbour master",
+        "cleans and polishes",
+        "counts and records",
+    ];
+    const WHAT: [&str; 11] = [
+        "the oil in the lamp room",
+        "the brass of the lens",
+        "every ship that passes the point",
+        "the barometer reading",
+        "the wind and the state of the sea",
+        "the stores in the cellar",
+        "the clockwork that turns the light",
+        "the fog signal",
+        "the windows of the lantern",
+        "the rain gauge",
+        "the log book",
+    ];
+    const WHEN: [&str; 3] = ["before sunset", "at midnight", "at first light"];
+    let mut s = format!(
+        "Session {tag}. You are the assistant of a lighthouse station. These are its rules.\n"
+    );
+    // Each rule is about 20 tokens (SmolLM2's tokenizer; GPT-style BPE vocabularies are close).
+    for i in 0..tokens.div_ceil(20) {
+        s.push_str(&format!(
+            "Rule {}: {} {} {} {}.\n",
+            i + 1,
+            WHO[i % WHO.len()],
+            DOES[i % DOES.len()],
+            WHAT[i % WHAT.len()],
+            WHEN[i % WHEN.len()],
+        ));
     }
+    s.push_str("Answer questions about these rules briefly.");
+    s
+}
+
+/// Median of the values some samples report, NaN when none does.
+fn median_of(samples: &[Sample], f: fn(&Sample) -> Option<u32>) -> f64 {
+    median(samples.iter().filter_map(f).map(f64::from).collect())
+}
+
+/// What one run of W3 measured.
+struct SharedRun {
+    row: Row,
+    /// Prompt tokens (median over requests), NaN when not reported.
+    prompt: f64,
+    /// Cached tokens, mean over requests and total, NaN when not reported.
+    cached_mean: f64,
+    cached_total: f64,
+}
+
+/// W3: one shared system prompt of about 1,000 tokens per run, a distinct question per request.
+#[expect(clippy::print_stdout, reason = "the bench prints its table")]
+async fn shared_prefix(client: &Arc<Client>, args: &BenchArgs, runs: usize) {
+    let mut rows = Vec::new();
+    for _ in 0..runs {
+        let system = shared_system(&nonce(), args.w3_prefix_tokens);
+        let bodies = (0..args.w3_requests)
+            .map(|i| {
+                let q = format!("Question {}: what does rule {} ask, and why?", i + 1, i + 1);
+                body_with_system(args, &system, &q)
+            })
+            .collect();
+        let (samples, wall) = send_all(client, bodies, args.w3_concurrency, None).await;
+        let cached: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.cached_tokens)
+            .map(f64::from)
+            .collect();
+        let (cached_mean, cached_total) = if cached.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            let total: f64 = cached.iter().sum();
+            (total / cached.len() as f64, total)
+        };
+        rows.push(SharedRun {
+            row: Row::of(&samples, wall),
+            prompt: median_of(&samples, |s| s.prompt_tokens),
+            cached_mean,
+            cached_total,
+        });
+    }
+    let col =
+        |f: fn(&SharedRun) -> f64| median(rows.iter().map(f).filter(|x| !x.is_nan()).collect());
+    println!();
+    println!(
+        "W3 shared prefix (~{}-token system prompt, {} requests, concurrency {})",
+        args.w3_prefix_tokens, args.w3_requests, args.w3_concurrency
+    );
+    println!("| prompt tokens | TTFT p50 ms | TTFT p99 ms | total tok/s | cached tokens mean | cached tokens total | failed |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {} |",
+        f0(col(|r| r.prompt)),
+        f1(col(|r| r.row.ttft_p50)),
+        f1(col(|r| r.row.ttft_p99)),
+        f1(col(|r| r.row.tps)),
+        f1(col(|r| r.cached_mean)),
+        f0(col(|r| r.cached_total)),
+        rows.iter().map(|r| r.row.failed).max().unwrap_or(0)
+    );
+}
+
+/// The user's messages of a W4 conversation, in turn.
+const TURNS: [&str; 5] = [
+    "Tell me about the history of lighthouses.",
+    "What did a keeper do each night?",
+    "How were the lamps fuelled?",
+    "Why were most lighthouses automated?",
+    "Sum up what we discussed.",
+];
+
+/// One W4 conversation: each turn sends the whole history and a new question; stops at the
+/// first turn that fails.
+async fn conversation(client: Arc<Client>, mut body: Value, turns: usize) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for t in 0..turns {
+        if t > 0 {
+            let q = TURNS[t % TURNS.len()];
+            if let Some(m) = body["messages"].as_array_mut() {
+                m.push(json!({"role": "user", "content": q}));
+            }
+        }
+        let s = client.stream_one(&body).await;
+        let ok = s.ok;
+        if let Some(m) = body["messages"].as_array_mut() {
+            m.push(json!({"role": "assistant", "content": s.text}));
+        }
+        out.push(s);
+        if !ok {
+            break;
+        }
+    }
+    out
+}
+
+/// W4: conversations of several turns; TTFT and cached tokens per turn.
+#[expect(clippy::print_stdout, reason = "the bench prints its table")]
+async fn conversations(client: &Arc<Client>, args: &BenchArgs) {
+    let turns = args.w4_turns.max(1);
+    let tag = nonce();
+    let bodies: Vec<Value> = (0..args.w4_conversations)
+        .map(|i| {
+            let mut b = body(args, &format!("{tag}-{i}"), TURNS[0]);
+            b["max_tokens"] = json!(args.w4_max_tokens);
+            b
+        })
+        .collect();
+    let client = client.clone();
+    let (convs, _) = pool(bodies.len(), args.w4_concurrency, move |i| {
+        conversation(client.clone(), bodies[i].clone(), turns)
+    })
+    .await;
+    println!();
+    println!(
+        "W4 conversations ({} conversations of {turns} turns, {} at a time, {} tokens per turn)",
+        args.w4_conversations, args.w4_concurrency, args.w4_max_tokens
+    );
+    println!("| turn | prompt tokens p50 | cached tokens p50 | TTFT p50 ms | failed |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut ttfts = Vec::new();
+    for t in 0..turns {
+        let at: Vec<Sample> = convs.iter().filter_map(|c| c.get(t)).cloned().collect();
+        let ttft = median(at.iter().filter_map(|s| s.ttft).map(ms).collect());
+        ttfts.push(ttft);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            t + 1,
+            f0(median_of(&at, |s| s.prompt_tokens)),
+            f0(median_of(&at, |s| s.cached_tokens)),
+            f1(ttft),
+            convs.len() - at.iter().filter(|s| s.ok).count()
+        );
+    }
+    if let (Some(first), Some(last)) = (ttfts.first(), ttfts.last()) {
+        println!("TTFT turn {turns} / turn 1: {:.2}x", last / first);
+    }
+}
+
+/// Opens up to `n` connections to the server (as many `GET /models` at once) and leaves them in
+/// the pool, so that a burst that follows measures the server rather than TCP handshakes.
+async fn open_connections(client: &Arc<Client>, n: usize) {
+    let client = client.clone();
+    pool(n, n, move |_| {
+        let client = client.clone();
+        async move {
+            let mut req = client.http.get(format!("{}/models", client.url));
+            if let Some(k) = &client.key {
+                req = req.bearer_auth(k);
+            }
+            if let Ok(r) = req.send().await {
+                let _ = r.bytes().await;
+            }
+        }
+    })
+    .await;
+}
+
+/// W5: many short requests at once against a bounded queue; each must complete or be refused
+/// with 503 within 50 ms, and none may hang. The connections are opened beforehand.
+#[expect(clippy::print_stdout, reason = "the bench prints its table")]
+async fn overload(client: &Arc<Client>, args: &BenchArgs) {
+    const REFUSAL_LIMIT_MS: f64 = 50.0;
+    open_connections(client, args.w5_concurrency).await;
+    let tag = nonce();
+    let bodies = (0..args.w5_requests)
+        .map(|i| {
+            let mut b = body(args, &format!("{tag}-{i}"), PROMPT);
+            b["max_tokens"] = json!(args.w5_max_tokens);
+            b
+        })
+        .collect();
+    let timeout = Duration::from_secs(args.w5_timeout);
+    let (samples, wall) = send_all(client, bodies, args.w5_concurrency, Some(timeout)).await;
+    let mut completed = Vec::new();
+    let mut refused = Vec::new();
+    let mut other = std::collections::BTreeMap::<u16, usize>::new();
+    let (mut errors, mut hung) = (0usize, 0usize);
+    for s in &samples {
+        match s.status {
+            _ if s.timed_out => hung += 1,
+            200 if s.ok => completed.push(s.total.as_secs_f64()),
+            503 => refused.push(ms(s.total)),
+            0 | 200 => errors += 1,
+            st => *other.entry(st).or_default() += 1,
+        }
+    }
+    let slow = refused.iter().filter(|&&l| l > REFUSAL_LIMIT_MS).count();
+    let max = |v: &[f64]| v.iter().copied().reduce(f64::max).unwrap_or(f64::NAN);
+    let refused_max = max(&refused);
+    let completed_max = max(&completed);
+    println!();
+    println!(
+        "W5 overload ({} requests, concurrency {}, {} tokens each, timeout {} s)",
+        args.w5_requests, args.w5_concurrency, args.w5_max_tokens, args.w5_timeout
+    );
+    println!("| completed | refused 503 | other status | errors | hung | 503 p50 ms | 503 p99 ms | 503 max ms | slowest completed s | wall s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {errors} | {hung} | {} | {} | {} | {} | {:.1} |",
+        completed.len(),
+        refused.len(),
+        other.values().sum::<usize>(),
+        f1(pct(&mut refused, 0.5)),
+        f1(pct(&mut refused, 0.99)),
+        f1(refused_max),
+        f1(completed_max),
+        wall.as_secs_f64()
+    );
+    if !other.is_empty() {
+        let list: Vec<String> = other.iter().map(|(st, n)| format!("{st}: {n}")).collect();
+        println!("other statuses: {}", list.join(", "));
+    }
+    let pass = completed.len() + refused.len() - slow == samples.len();
+    println!(
+        "every request completed or was refused within {REFUSAL_LIMIT_MS} ms: {}",
+        if pass {
+            "yes".to_owned()
+        } else {
+            format!(
+                "no ({slow} refusals over {REFUSAL_LIMIT_MS} ms, {} other, {errors} errors, {hung} hung)",
+                other.values().sum::<usize>()
+            )
+        }
+    );
 }
 
 /// One plain request; its status and latency measured from when it was due.
