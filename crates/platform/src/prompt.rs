@@ -48,6 +48,12 @@ pub fn render(source: &str, args: &Map<String, Value>) -> Result<String, ApiErro
                 .map(str::trim)
                 .filter(|n| is_path(n))
             {
+                // The shortest part of `a.b.c` that the arguments lack.
+                let parts: Vec<&str> = name.split('.').collect();
+                let name = (1..=parts.len())
+                    .map(|k| parts[..k].join("."))
+                    .find(|p| lookup(args, p).is_none())
+                    .unwrap_or_else(|| name.to_owned());
                 return Err(ApiError::invalid(
                     "system_prompt_args",
                     format!("The system-prompt template cannot be rendered: missing variable `{name}`. Pass it in 'system_prompt_args'."),
@@ -132,6 +138,8 @@ mod tests {
         let e = render(t, &args(json!({"company": {"name": "ACME"}}))).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("system_prompt_args"));
         assert!(e.to_string().contains("`customer`"), "{e}");
+        let e = render("{{ who.name }}", &args(json!({}))).unwrap_err();
+        assert!(e.to_string().contains("`who`"), "{e}");
         let e = render(t, &args(json!({"customer": "Ada", "company": {}}))).unwrap_err();
         assert!(e.to_string().contains("`company.name`"), "{e}");
         let e = render("{{ a }} {{ b }}", &args(json!({"a": 1}))).unwrap_err();
