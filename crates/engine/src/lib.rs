@@ -356,6 +356,11 @@ impl Engine {
         self.gauges.queued.load(Ordering::Relaxed)
     }
 
+    /// Whether the queue is full (a new generation would be refused).
+    pub fn is_full(&self) -> bool {
+        self.gauges.queued.load(Ordering::Relaxed) >= self.max_queue
+    }
+
     /// Whether the engine thread is still running (it is not after a fault).
     pub fn is_alive(&self) -> bool {
         !self.gauges.stopped.load(Ordering::Acquire)

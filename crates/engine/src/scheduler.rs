@@ -262,6 +262,7 @@ impl<'m> Scheduler<'m> {
             }
             self.drop_cancelled();
             self.admit();
+            self.compact();
             self.gauges
                 .running
                 .store(self.seqs.len(), Ordering::Relaxed);
@@ -347,6 +348,57 @@ impl<'m> Scheduler<'m> {
             let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
         }
         self.free_ids.push(id);
+    }
+
+    /// Keeps the ids of the sequences in flight at the low end, `0..k`. llama.cpp cuts a batch
+    /// over several KV streams into one micro-batch per run of consecutive sequence ids, and
+    /// each micro-batch is a pass over all the weights: scattered ids would cost a pass each per
+    /// step. A sequence above the range moves down into a free id by a copy of its KV stream;
+    /// the stream it leaves keeps its prompt as a cached prefix.
+    fn compact(&mut self) {
+        let k = self.seqs.len() as i32;
+        while let Some(i) = self.seqs.iter().position(|s| s.seq_id >= k) {
+            let Some(pos) = self.free_ids.iter().position(|&id| id < k) else {
+                return;
+            };
+            let new = self.free_ids.swap_remove(pos);
+            let old = self.seqs[i].seq_id;
+            let empty = self.seqs[i].leader.is_some() || self.seqs[i].n_past == 0;
+            self.slots[new as usize].tokens.clear();
+            let moved = if empty {
+                self.ctx
+                    .clear_kv_cache_seq(Some(new as u32), None, None)
+                    .is_ok()
+            } else {
+                self.ctx.copy_kv_cache_seq(old, new, None, None).is_ok()
+            };
+            if !moved {
+                self.free_ids.push(new);
+                return;
+            }
+            tracing::trace!(old, new, "sequence moved down");
+            let s = &self.seqs[i];
+            let keep = if empty || !self.prefix_cache {
+                0
+            } else {
+                s.n_past.min(s.prompt_len).min(s.tokens.len())
+            };
+            self.tick += 1;
+            let slot = &mut self.slots[old as usize];
+            slot.tokens.clear();
+            slot.tokens.extend_from_slice(&self.seqs[i].tokens[..keep]);
+            slot.used = self.tick;
+            if keep == 0 {
+                let _ = self.ctx.clear_kv_cache_seq(Some(old as u32), None, None);
+            }
+            self.free_ids.push(old);
+            self.seqs[i].seq_id = new;
+            for f in &mut self.seqs {
+                if f.leader == Some(old) {
+                    f.leader = Some(new);
+                }
+            }
+        }
     }
 
     /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
@@ -684,6 +736,7 @@ impl<'m> Scheduler<'m> {
             s.logits_at = None;
         }
         self.reap();
+        self.compact();
         Ok(())
     }
 

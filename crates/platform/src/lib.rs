@@ -247,10 +247,7 @@ impl Platform {
                 request.model
             )));
         }
-        let prepared = entry.provider.prepare(request).await?;
-        let prompt_tokens = prepared.prompt_tokens();
-        let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
-        let ticket = self.meter.ticket(Closing {
+        let closing = |prompt_tokens: u32, tags: UsageTags| Closing {
             request_id: request_id.clone(),
             created_at,
             arrived,
@@ -271,7 +268,20 @@ impl Platform {
             ended: None,
             status: 200,
             outcome: "started",
-        });
+        };
+        // A full queue refuses at once, before templating and tokenizing, for callers that no
+        // quota could refuse first (a 429 always comes before a 503).
+        if principal.limits.is_unlimited() && entry.provider.saturated() {
+            let e = ApiError::Overloaded("the model's queue is full".into());
+            if let Some(t) = self.meter.ticket(closing(0, tags)) {
+                meter::refused(t, &e);
+            }
+            return Err(e);
+        }
+        let prepared = entry.provider.prepare(request).await?;
+        let prompt_tokens = prepared.prompt_tokens();
+        let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
+        let ticket = self.meter.ticket(closing(prompt_tokens, tags));
         let Some(ticket) = ticket else {
             return Err(ApiError::NotReady("The server is shutting down.".into()));
         };

@@ -132,6 +132,12 @@ pub trait ChatProvider: Send + Sync {
     fn fingerprint(&self) -> String;
     /// Whether it can take work now.
     fn ready(&self) -> bool;
+    /// Whether its queue is full right now, so that a new request would be refused with 503:
+    /// asked before a request is templated and tokenized, so that refusals under overload cost
+    /// next to nothing.
+    fn saturated(&self) -> bool {
+        false
+    }
     /// Checks and measures a request (400s are returned here), without starting it.
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError>;
     /// Prepares and starts a completion. Errors before any work are returned here (400s, 503

@@ -399,6 +399,10 @@ impl ChatProvider for LocalProvider {
         self.engine.is_alive()
     }
 
+    fn saturated(&self) -> bool {
+        self.engine.is_full()
+    }
+
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let engine = self.engine.clone();
         let req = request.clone();
