@@ -155,6 +155,9 @@ struct Seq {
     /// While set, this sequence waits for the sequence with this id to compute the shared
     /// prompt, then copies its KV state.
     leader: Option<i32>,
+    /// While set, this sequence waits for the sequence with this id to compute the first this
+    /// many tokens of its prompt (a prefix they share), then copies them instead.
+    wait: Option<(i32, usize)>,
     /// Batch index of this sequence's logits after the current decode.
     logits_at: Option<i32>,
     /// Tokens to write next instead of sampling (a thought cut short by its budget).
@@ -329,9 +332,53 @@ impl<'m> Scheduler<'m> {
         self.waiting.retain(|r| r.id != id);
     }
 
+    /// Sequences waiting for `leader`'s prefix take it once `computed` tokens of it are in;
+    /// with `all`, whatever is computed (the leader is going away).
+    fn release_waiters_upto(&mut self, leader: i32, computed: usize, all: bool) {
+        for j in 0..self.seqs.len() {
+            let Some((l, len)) = self.seqs[j].wait else {
+                continue;
+            };
+            if l != leader || (computed < len && !all) {
+                continue;
+            }
+            let take = len.min(computed);
+            let id = self.seqs[j].seq_id;
+            let took = take > 0 && self.copy_prefix(leader, id, take);
+            let n_past = if took { take } else { 0 };
+            let f = &mut self.seqs[j];
+            f.wait = None;
+            f.n_past = n_past;
+            if n_past < len {
+                // Less was reused than announced at admission: say so again.
+                let request = f.request;
+                if let Some(r) = self.active.iter().find(|r| r.id == request) {
+                    r.tally
+                        .cached_tokens
+                        .store(n_past as u32, Ordering::Release);
+                    let _ = r.tx.send(Event::Admitted {
+                        cached_tokens: n_past as u32,
+                    });
+                }
+            }
+        }
+    }
+
+    fn release_waiters(&mut self, leader: i32, computed: usize) {
+        self.release_waiters_upto(leader, computed, false);
+    }
+
     /// Frees a sequence's id, removing it from `seqs` (indices shift). With the prefix cache its
     /// KV state stays, for a later request that starts with the same tokens.
     fn release_seq(&mut self, i: usize) {
+        let leader = self.seqs[i].seq_id;
+        let computed = self.seqs[i]
+            .n_past
+            .min(self.seqs[i].prompt_len)
+            .min(self.seqs[i].tokens.len());
+        if self.seqs[i].leader.is_none() && self.seqs[i].wait.is_none() {
+            self.release_waiters_upto(leader, computed, true);
+        }
         let seq = self.seqs.remove(i);
         let id = seq.seq_id;
         self.tick += 1;
@@ -363,7 +410,9 @@ impl<'m> Scheduler<'m> {
             };
             let new = self.free_ids.swap_remove(pos);
             let old = self.seqs[i].seq_id;
-            let empty = self.seqs[i].leader.is_some() || self.seqs[i].n_past == 0;
+            let empty = self.seqs[i].leader.is_some()
+                || self.seqs[i].wait.is_some()
+                || self.seqs[i].n_past == 0;
             self.slots[new as usize].tokens.clear();
             let moved = if empty {
                 self.ctx
@@ -397,13 +446,18 @@ impl<'m> Scheduler<'m> {
                 if f.leader == Some(old) {
                     f.leader = Some(new);
                 }
+                if let Some((l, len)) = f.wait {
+                    if l == old {
+                        f.wait = Some((new, len));
+                    }
+                }
             }
         }
     }
 
     /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
     /// how many of the prompt's tokens are already computed in it.
-    fn take_slot(&mut self, prompt: &[u32]) -> Option<(i32, usize)> {
+    fn take_slot(&mut self, prompt: &[u32]) -> Option<(i32, usize, Option<(i32, usize)>)> {
         if self.free_ids.is_empty() {
             return None;
         }
@@ -418,7 +472,7 @@ impl<'m> Scheduler<'m> {
             let id = self.free_ids.swap_remove(lru);
             self.slots[id as usize].tokens.clear();
             let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
-            return Some((id, 0));
+            return Some((id, 0, None));
         }
         // At least the last tokens are computed again: their logits start the answer, and they
         // make a pass of at least `MIN_CHUNK`.
@@ -435,21 +489,46 @@ impl<'m> Scheduler<'m> {
         let running = self
             .seqs
             .iter()
-            .filter(|s| s.leader.is_none() && s.n_past > 0)
+            .filter(|s| s.leader.is_none() && s.wait.is_none() && s.n_past > 0)
             .map(|s| {
                 let computed = s.n_past.min(s.prompt_len).min(s.tokens.len());
                 let len = common_prefix(&s.tokens[..computed], prompt);
                 (s.seq_id, len.min(usable))
             })
             .max_by_key(|(_, len)| *len);
+        // A sequence still computing its prompt will have much more of this one: wait for it
+        // (requests that share a long system prompt and arrive together compute it once).
+        let have = running.map_or(free_len, |(_, len)| len.max(free_len));
+        let pending = self
+            .seqs
+            .iter()
+            .filter(|s| s.leader.is_none() && s.wait.is_none() && !s.done)
+            .map(|s| {
+                let len = common_prefix(&s.tokens[..s.prompt_len.min(s.tokens.len())], prompt);
+                (s.seq_id, len.min(usable))
+            })
+            .filter(|(_, len)| *len >= have + MIN_COPY)
+            .max_by_key(|(_, len)| *len);
+        if let Some((src, len)) = pending {
+            let id = self.free_ids.swap_remove(lru);
+            self.slots[id as usize].tokens.clear();
+            let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            tracing::debug!(
+                src,
+                id,
+                len,
+                "prefix cache: wait for a sequence computing the prefix"
+            );
+            return Some((id, 0, Some((src, len))));
+        }
         // A running sequence shares much more: copy its stream.
         if let Some((src, len)) = running.filter(|(_, len)| *len >= free_len + MIN_COPY) {
             let id = self.free_ids.swap_remove(lru);
             tracing::debug!(src, id, len, "prefix cache: copy from a running sequence");
             if self.copy_prefix(src, id, len) {
-                return Some((id, len));
+                return Some((id, len, None));
             }
-            return Some((id, 0));
+            return Some((id, 0, None));
         }
         let best_id = self.free_ids[best_free];
         let held = self.slots[best_id as usize].tokens.len();
@@ -466,9 +545,9 @@ impl<'m> Scheduler<'m> {
                     "prefix cache: copy from a free slot"
                 );
                 if self.copy_prefix(best_id, id, free_len) {
-                    return Some((id, free_len));
+                    return Some((id, free_len, None));
                 }
-                return Some((id, 0));
+                return Some((id, 0, None));
             }
             lru
         } else {
@@ -486,7 +565,7 @@ impl<'m> Scheduler<'m> {
         {
             slot.tokens.clear();
             let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
-            return Some((id, 0));
+            return Some((id, 0, None));
         }
         tracing::debug!(
             id,
@@ -494,7 +573,7 @@ impl<'m> Scheduler<'m> {
             held = self.slots[id as usize].tokens.len(),
             "prefix cache: reuse a slot"
         );
-        Some((id, keep))
+        Some((id, keep, None))
     }
 
     /// Copies the first `len` positions of `src`'s stream into `dst`'s (whose own state is
@@ -528,19 +607,16 @@ impl<'m> Scheduler<'m> {
             for j in 0..k {
                 // The first sequence computes the prompt (from what the cache holds); the others
                 // take its state when it is done.
-                let (seq_id, reused) = if leader.is_none() {
-                    match self.take_slot(&req.generation.prompt) {
-                        Some(t) => t,
-                        None => break,
-                    }
+                let prompt: &[u32] = if leader.is_none() {
+                    &req.generation.prompt
                 } else {
-                    match self.take_slot(&[]) {
-                        Some(t) => t,
-                        None => break,
-                    }
+                    &[]
+                };
+                let Some((seq_id, reused, wait)) = self.take_slot(prompt) else {
+                    break;
                 };
                 if leader.is_none() {
-                    cached = reused;
+                    cached = wait.map_or(reused, |(_, len)| len);
                 }
                 let choice = req.next_choice + j;
                 let g = &req.generation;
@@ -561,6 +637,7 @@ impl<'m> Scheduler<'m> {
                     think_budget: g.think_budget.clone(),
                     think_tail: String::new(),
                     leader,
+                    wait,
                     logits_at: None,
                     done: false,
                 });
@@ -672,7 +749,11 @@ impl<'m> Scheduler<'m> {
         let mut i = 0;
         while i < self.seqs.len() {
             let s = &self.seqs[i];
-            if s.leader.is_some() || s.done || s.n_past >= s.prompt_len.min(s.tokens.len()) {
+            if s.leader.is_some()
+                || s.wait.is_some()
+                || s.done
+                || s.n_past >= s.prompt_len.min(s.tokens.len())
+            {
                 i += 1;
                 continue;
             }
@@ -708,6 +789,7 @@ impl<'m> Scheduler<'m> {
             self.seqs[i].n_past += take;
             budget = budget.saturating_sub(take);
             self.decode("prompt")?;
+            self.release_waiters(id, self.seqs[i].n_past);
             if start + take == end {
                 let at = take as i32 - 1;
                 for s in &mut self.seqs {
