@@ -189,6 +189,10 @@ const MIN_COPY: usize = 32;
 /// is the same however it was split, cached or not.
 const MIN_CHUNK: usize = 4;
 
+/// A sequence id taken for a prompt: the id, how many prompt tokens its stream already holds,
+/// and, if it is to copy them from a sequence still computing them, that sequence and how many.
+type Taken = (i32, usize, Option<(i32, usize)>);
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -391,6 +395,15 @@ impl<'m> Scheduler<'m> {
             // reused prefix must give the same answer as a computed one.
             let keep = seq.n_past.min(seq.prompt_len).min(seq.tokens.len());
             slot.tokens.extend_from_slice(&seq.tokens[..keep]);
+            // A free stream holding a prefix of the same tokens (the one this sequence moved
+            // from) is now redundant: it goes first when a stream must be overwritten.
+            let held = &seq.tokens[..keep];
+            for &other in &self.free_ids {
+                let o = &mut self.slots[other as usize];
+                if !o.tokens.is_empty() && held.starts_with(&o.tokens) {
+                    o.used = 0;
+                }
+            }
         } else {
             let _ = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
         }
@@ -403,9 +416,37 @@ impl<'m> Scheduler<'m> {
     /// step. A sequence above the range moves down into a free id by a copy of its KV stream;
     /// the stream it leaves keeps its prompt as a cached prefix.
     fn compact(&mut self) {
-        let k = self.seqs.len() as i32;
-        while let Some(i) = self.seqs.iter().position(|s| s.seq_id >= k) {
-            let Some(pos) = self.free_ids.iter().position(|&id| id < k) else {
+        // One sequence is one micro-batch wherever it is; several need consecutive ids. Pick the
+        // window of ids that already holds the most of them, and move the others in.
+        let k = self.seqs.len();
+        let n = self.slots.len();
+        if k < 2 || k > n {
+            return;
+        }
+        let inside = |a: usize, seqs: &[Seq]| {
+            seqs.iter()
+                .filter(|s| (a..a + k).contains(&(s.seq_id as usize)))
+                .count()
+        };
+        let Some(a) = (0..=n - k).max_by_key(|&a| (inside(a, &self.seqs), std::cmp::Reverse(a)))
+        else {
+            return;
+        };
+        let (lo, hi) = (a as i32, (a + k) as i32);
+        while let Some(i) = self
+            .seqs
+            .iter()
+            .position(|s| s.seq_id < lo || s.seq_id >= hi)
+        {
+            // Into the least recently used free id of the window.
+            let Some(pos) = self
+                .free_ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &id)| id >= lo && id < hi)
+                .min_by_key(|(_, &id)| self.slots[id as usize].used)
+                .map(|(p, _)| p)
+            else {
                 return;
             };
             let new = self.free_ids.swap_remove(pos);
@@ -457,7 +498,7 @@ impl<'m> Scheduler<'m> {
 
     /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
     /// how many of the prompt's tokens are already computed in it.
-    fn take_slot(&mut self, prompt: &[u32]) -> Option<(i32, usize, Option<(i32, usize)>)> {
+    fn take_slot(&mut self, prompt: &[u32]) -> Option<Taken> {
         if self.free_ids.is_empty() {
             return None;
         }
