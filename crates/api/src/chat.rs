@@ -401,6 +401,21 @@ pub struct Message {
     pub metadata: Option<Value>,
 }
 
+impl Message {
+    /// A message with only a role and its content.
+    pub fn new(role: Role, content: Option<String>) -> Self {
+        Self {
+            role,
+            content,
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            completion_id: None,
+            metadata: None,
+        }
+    }
+}
+
 /// The body as it arrives; unknown fields are ignored. Fields whose shape needs a precise
 /// error path are kept as raw JSON and checked by hand.
 #[derive(Debug, Deserialize)]

@@ -43,18 +43,6 @@ fn add(a: Usage, b: Usage) -> Usage {
     u
 }
 
-fn message(role: Role, content: Option<String>) -> Message {
-    Message {
-        role,
-        content,
-        name: None,
-        tool_calls: None,
-        tool_call_id: None,
-        completion_id: None,
-        metadata: None,
-    }
-}
-
 /// Starts the driver over the first step's events; the returned events are what the caller
 /// sees. Dropping them stops the driver and cancels the step in progress.
 pub(crate) fn drive(d: Drive, first: Events) -> Events {
@@ -151,13 +139,13 @@ async fn run(mut d: Drive, first: Events, tx: mpsc::Sender<ChatEvent>) {
             }))
             .await;
             spoken.push_str(&text);
-            let mut assistant = message(Role::Assistant, (!text.is_empty()).then_some(text));
+            let mut assistant = Message::new(Role::Assistant, (!text.is_empty()).then_some(text));
             assistant.tool_calls = serde_json::to_value(&calls).ok();
             assistant.completion_id = Some(ids::completion_id(&step_request_id, 0));
             rounds.push((ids::message_id(&step_request_id, 0), assistant.clone()));
             d.request.messages.push(assistant);
             for (c, r) in calls.iter().zip(results) {
-                let mut m = message(Role::Tool, Some(r));
+                let mut m = Message::new(Role::Tool, Some(r));
                 m.tool_call_id = Some(c.id.clone());
                 rounds.push((format!("msg_{}", uuid::Uuid::now_v7().simple()), m.clone()));
                 d.request.messages.push(m);
@@ -277,7 +265,7 @@ async fn record(d: &Drive, asm: &Assembly, rounds: Vec<(String, Message)>) -> Re
             out.push((id, serde_json::to_value(&m).unwrap_or(Value::Null)));
         }
         let answer = asm.message(&d.meta, 0);
-        let mut m = message(Role::Assistant, answer.content);
+        let mut m = Message::new(Role::Assistant, answer.content);
         m.tool_calls = answer.tool_calls.and_then(|c| serde_json::to_value(c).ok());
         m.completion_id = Some(ids::completion_id(&d.meta.request_id, 0));
         out.push((

@@ -215,15 +215,7 @@ impl Platform {
         if system.is_some() || !history.is_empty() {
             let mut messages = Vec::with_capacity(history.len() + request.messages.len() + 1);
             if let Some(text) = system {
-                messages.push(Message {
-                    role: Role::System,
-                    content: Some(text),
-                    name: None,
-                    tool_calls: None,
-                    tool_call_id: None,
-                    completion_id: None,
-                    metadata: None,
-                });
+                messages.push(Message::new(Role::System, Some(text)));
             }
             messages.extend(history);
             messages.append(&mut request.messages);

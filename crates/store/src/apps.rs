@@ -281,6 +281,46 @@ impl Args {
     }
 }
 
+impl Store {
+    /// Replaces the `spec` of the row `id` of `table` (projects or campaigns) and reads the row
+    /// back; `NotFound` naming `what` if there is none.
+    async fn update_spec(
+        &self,
+        table: &str,
+        what: &str,
+        columns: &str,
+        id: &str,
+        spec: &Value,
+    ) -> Result<sqlx::any::AnyRow, StoreError> {
+        let r = sqlx::query(&format!(
+            "UPDATE {table} SET spec = $1, updated_at = $2 WHERE id = $3"
+        ))
+        .bind(json_text(spec)?)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        let missing = || StoreError::NotFound(format!("{what} {id:?}"));
+        if r.rows_affected() == 0 {
+            return Err(missing());
+        }
+        sqlx::query(&format!("SELECT {columns} FROM {table} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(missing)
+    }
+
+    /// Deletes the row `id` of `table`; false when there is none.
+    async fn delete_by_id(&self, table: &str, id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
 /// Writes a completion's metadata rows (for filtering), inside a transaction.
 async fn insert_metadata(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -384,31 +424,15 @@ impl Store {
         id: &str,
         spec: &Value,
     ) -> Result<ProjectRecord, StoreError> {
-        let r = sqlx::query("UPDATE projects SET spec = $1, updated_at = $2 WHERE id = $3")
-            .bind(json_text(spec)?)
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.pool)
+        let row = self
+            .update_spec("projects", "project", PROJECT_COLUMNS, id, spec)
             .await?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("project {id:?}")));
-        }
-        let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("project {id:?}")))?;
         Ok(project_row(&row)?)
     }
 
     /// Deletes a project; false when there is no project with this id.
     pub async fn delete_project(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM projects WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        self.delete_by_id("projects", id).await
     }
 
     /// A new, empty session with the caller's id; `Conflict` if the id is taken.
@@ -837,32 +861,16 @@ impl Store {
         id: &str,
         spec: &Value,
     ) -> Result<CampaignRecord, StoreError> {
-        let r = sqlx::query("UPDATE campaigns SET spec = $1, updated_at = $2 WHERE id = $3")
-            .bind(json_text(spec)?)
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.pool)
+        let row = self
+            .update_spec("campaigns", "campaign", CAMPAIGN_COLUMNS, id, spec)
             .await?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("campaign {id:?}")));
-        }
-        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("campaign {id:?}")))?;
         Ok(campaign_row(&row)?)
     }
 
     /// Deletes a campaign (its usage records keep its id); false when there is no campaign
     /// with this id.
     pub async fn delete_campaign(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM campaigns WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        self.delete_by_id("campaigns", id).await
     }
 
     /// Stores feedback; `Invalid` if the score is not a finite number, `Conflict` if its id
