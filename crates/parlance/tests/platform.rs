@@ -336,6 +336,15 @@ async fn client_gone_mid_stream_settles_to_what_was_generated() {
 async fn rate_limits_answer_429_with_openai_headers() {
     let s = priced_server(&[]);
     let (_, key) = funded_key(&s, "acme", 1_000_000, json!({"rpm": 2})).await;
+    // The three requests below must fall in one one-minute counting window.
+    let into = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 60_000) as u64;
+    if into > 45_000 {
+        tokio::time::sleep(Duration::from_millis(60_500 - into)).await;
+    }
     let (st, h, _) = chat_as(&s, &key, &exact(1, "hi")).await;
     assert_eq!(st, 200);
     assert_eq!(h["x-ratelimit-limit-requests"], "2");
