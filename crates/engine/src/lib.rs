@@ -6,6 +6,7 @@
 //! and frees its sequences at the next forward step.
 
 mod grammar;
+mod kvmem;
 mod model;
 mod sampling;
 mod scheduler;
@@ -26,12 +27,16 @@ use model::LoadedModel;
 /// How an engine sizes its context and schedules its work.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
-    /// Sequences (choices) decoded together in one forward step, at most.
-    pub max_sequences: u32,
+    /// Sequences (choices) decoded together in one forward step, at most; `None`: as many as
+    /// [`kv_cache_mib`](Self::kv_cache_mib) holds at the full context length (1 to 64).
+    pub max_sequences: Option<u32>,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
     /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
-    /// `max_sequences × context_length` cells (23 KiB each for the default model).
+    /// `max_sequences × context_length` cells (22.5 KiB each for the default model).
     pub context_length: Option<u32>,
+    /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
+    /// reserved, not resident: pages become resident only as sequences write their cells.
+    pub kv_cache_mib: u32,
     /// Tokens processed in one forward step, prompt chunks and decode tokens together.
     pub batch_size: u32,
     /// CPU threads for the forward pass; `None`: the available cores.
@@ -45,8 +50,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            max_sequences: 16,
+            max_sequences: None,
             context_length: None,
+            kv_cache_mib: 1536,
             batch_size: 512,
             threads: None,
             max_queue: 256,
@@ -70,6 +76,8 @@ pub struct ModelInfo {
     pub fingerprint: String,
     /// Sequences decoded together, at most.
     pub max_sequences: u32,
+    /// Bytes of KV cache one token of context takes.
+    pub kv_bytes_per_cell: u64,
 }
 
 /// One generation request: a tokenized prompt and how to continue it.

@@ -17,6 +17,8 @@ use crate::{EngineConfig, EngineError, ModelInfo};
 
 /// Context per sequence when the configuration names none (and the model's is longer).
 const DEFAULT_CONTEXT: u32 = 2048;
+/// The most sequences a KV budget alone gives (more can be asked for explicitly).
+const MAX_AUTO_SEQUENCES: u64 = 64;
 
 /// The process-wide llama.cpp backend, started once.
 pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -76,6 +78,15 @@ impl LoadedModel {
             .context_length
             .unwrap_or_else(|| train.min(DEFAULT_CONTEXT))
             .max(16);
+        // f16 keys and values for every layer.
+        let head_dim = u64::from(model.n_embd().unsigned_abs()) / u64::from(model.n_head().max(1));
+        let kv_bytes_per_cell =
+            u64::from(model.n_layer()) * 2 * u64::from(model.n_head_kv()) * head_dim * 2;
+        let max_sequences = config.max_sequences.unwrap_or_else(|| {
+            let per_sequence = (kv_bytes_per_cell * u64::from(context_length)).max(1);
+            let fit = u64::from(config.kv_cache_mib) * (1 << 20) / per_sequence;
+            u32::try_from(fit.clamp(1, MAX_AUTO_SEQUENCES)).unwrap_or(1)
+        });
         let fingerprint = fingerprint(path, config).map_err(|e| load_err(e.to_string()))?;
         let info = ModelInfo {
             path: path.to_path_buf(),
@@ -83,7 +94,8 @@ impl LoadedModel {
             train_context_length: train,
             vocab_size: u32::try_from(vocab.n_tokens()).unwrap_or(0),
             fingerprint,
-            max_sequences: config.max_sequences,
+            max_sequences,
+            kv_bytes_per_cell,
         };
         let grammar = Compiler::new(&model)?;
         Ok(Self {

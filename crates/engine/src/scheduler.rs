@@ -38,6 +38,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::kvmem;
 use crate::model::{backend, LoadedModel};
 use crate::sampling::{log_probs, Sampler};
 use crate::text::{AlignedQueue, StopMatcher, Utf8Decoder};
@@ -66,14 +67,13 @@ pub(crate) fn start(
                 || std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
                 |t| t as i32,
             );
-            let step = config.batch_size + config.max_sequences;
+            let sequences = model.info.max_sequences;
+            let step = config.batch_size + sequences;
             let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(
-                    model.info.context_length * config.max_sequences,
-                ))
+                .with_n_ctx(NonZeroU32::new(model.info.context_length * sequences))
                 .with_n_batch(step)
                 .with_n_ubatch(step)
-                .with_n_seq_max(config.max_sequences)
+                .with_n_seq_max(sequences)
                 .with_kv_unified(false)
                 // llama.cpp's CPU flash attention takes a different path for a large batch of
                 // queries than for a small one, so a prompt's KV state (and every token after
@@ -88,6 +88,7 @@ pub(crate) fn start(
                     return;
                 }
             };
+            let before = kvmem::Snapshot::take();
             let ctx = match model.model.new_context(backend, params) {
                 Ok(c) => c,
                 Err(e) => {
@@ -95,6 +96,9 @@ pub(crate) fn start(
                     return;
                 }
             };
+            // The KV cache, zeroed by llama.cpp, stays reserved but not resident until used.
+            let released = kvmem::release_zeroed(&before);
+            tracing::debug!(released_mib = released >> 20, "zeroed KV memory given back");
             let _ = ready_tx.send(Ok(()));
             // However the loop ends, a panic included, the engine reports itself stopped.
             let _stopped = StoppedOnDrop(gauges.clone());
@@ -223,21 +227,22 @@ impl<'m> Scheduler<'m> {
         config: &EngineConfig,
         gauges: Arc<Gauges>,
     ) -> Self {
-        let step = (config.batch_size + config.max_sequences) as usize;
+        let sequences = model.info.max_sequences;
+        let step = (config.batch_size + sequences) as usize;
         Self {
             model,
             ctx,
-            batch: LlamaBatch::new(step, config.max_sequences as i32),
+            batch: LlamaBatch::new(step, sequences as i32),
             waiting: VecDeque::new(),
             active: Vec::new(),
             seqs: Vec::new(),
-            free_ids: (0..config.max_sequences as i32).rev().collect(),
+            free_ids: (0..sequences as i32).rev().collect(),
             batch_size: config.batch_size as usize,
             context_length: model.info.context_length as usize,
             gauges,
             next_id: 0,
             piece: Vec::new(),
-            slots: vec![Slot::default(); config.max_sequences as usize],
+            slots: vec![Slot::default(); sequences as usize],
             prefix_cache: config.prefix_cache,
             tick: 0,
         }

@@ -38,7 +38,7 @@ fn engine() -> &'static Engine {
             path.display()
         );
         let config = EngineConfig {
-            max_sequences: 2,
+            max_sequences: Some(2),
             context_length: Some(512),
             ..EngineConfig::default()
         };

@@ -80,8 +80,10 @@ pub struct DeploymentSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
-    /// Sequences decoded together.
+    /// Sequences decoded together (default: as many as `kv_cache_mib` holds).
     pub max_sequences: Option<u32>,
+    /// KV-cache address space in MiB that sets the number of sequences (default 1536).
+    pub kv_cache_mib: Option<u32>,
     /// Longest context of one request (each sequence holds this many KV cells).
     pub context_length: Option<u32>,
     /// Tokens per forward step.
@@ -99,6 +101,7 @@ impl EngineSection {
     pub fn or(&self, other: &EngineSection) -> EngineSection {
         EngineSection {
             max_sequences: self.max_sequences.or(other.max_sequences),
+            kv_cache_mib: self.kv_cache_mib.or(other.kv_cache_mib),
             context_length: self.context_length.or(other.context_length),
             batch_size: self.batch_size.or(other.batch_size),
             threads: self.threads.or(other.threads),
@@ -111,15 +114,19 @@ impl EngineSection {
     pub fn build(&self) -> anyhow::Result<EngineConfig> {
         let d = EngineConfig::default();
         let c = EngineConfig {
-            max_sequences: self.max_sequences.unwrap_or(d.max_sequences),
+            max_sequences: self.max_sequences.or(d.max_sequences),
+            kv_cache_mib: self.kv_cache_mib.unwrap_or(d.kv_cache_mib),
             context_length: self.context_length.or(d.context_length),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             threads: self.threads.or(d.threads),
             max_queue: self.max_queue.unwrap_or(d.max_queue),
             prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
         };
-        if c.max_sequences == 0 || c.max_sequences > 256 {
+        if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
             bail!("max_sequences must be between 1 and 256");
+        }
+        if c.kv_cache_mib < 16 {
+            bail!("kv_cache_mib must be at least 16");
         }
         if c.context_length.is_some_and(|n| n < 64) {
             bail!("context_length must be at least 64");

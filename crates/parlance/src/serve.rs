@@ -57,9 +57,14 @@ pub struct ServeArgs {
     /// Serve without API keys on an address other than loopback.
     #[arg(long, env = "PARLANCE_ALLOW_UNAUTHENTICATED")]
     allow_unauthenticated: bool,
-    /// Sequences decoded together in one forward step [default: 16].
+    /// Sequences decoded together in one forward step [default: as many as --kv-cache-mib
+    /// holds at the full context length, at most 64; 34 for the default model].
     #[arg(long, env = "PARLANCE_MAX_SEQUENCES")]
     max_sequences: Option<u32>,
+    /// KV-cache address space in MiB that sets the number of sequences; reserved, resident
+    /// only as sequences use it [default: 1536].
+    #[arg(long, env = "PARLANCE_KV_CACHE_MIB")]
+    kv_cache_mib: Option<u32>,
     /// Longest prompt plus completion of one request; each sequence holds this many KV cells
     /// [default: the model's, capped at 2048].
     #[arg(long, env = "PARLANCE_CONTEXT_LENGTH")]
@@ -136,6 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let flags = EngineSection {
         max_sequences: args.max_sequences,
+        kv_cache_mib: args.kv_cache_mib,
         context_length: args.context_length,
         batch_size: args.batch_size,
         threads: args.threads,
@@ -240,6 +246,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             model = %spec.name,
             context_length = info.context_length,
             max_sequences = info.max_sequences,
+            kv_cache_mib = (u64::from(info.max_sequences)
+                * u64::from(info.context_length)
+                * info.kv_bytes_per_cell)
+                >> 20,
             fingerprint = %info.fingerprint,
             "model loaded"
         );
