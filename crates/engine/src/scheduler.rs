@@ -180,7 +180,15 @@ struct Slot {
     tokens: Vec<u32>,
     /// When it was last used (a tick of the scheduler), for least-recently-used choice.
     used: u64,
+    /// Whether a sequence ever ran on this stream: its memory is resident (with the values
+    /// stored transposed, one token of a stream touches a page of every row of its V cache).
+    touched: bool,
 }
+
+/// Streams kept warm for the prefix cache before a new one is touched only when every warm one
+/// is busy: resident memory follows the concurrency a server has seen, while a few
+/// conversations stay cached even at concurrency 1.
+const MIN_WARM_SLOTS: usize = 8;
 
 /// A prefix shorter than this is recomputed rather than copied from another stream (a copy
 /// moves the whole stream's KV buffer).
@@ -433,7 +441,13 @@ impl<'m> Scheduler<'m> {
                 .filter(|s| (a..a + k).contains(&(s.seq_id as usize)))
                 .count()
         };
-        let Some(a) = (0..=n - k).max_by_key(|&a| (inside(a, &self.seqs), std::cmp::Reverse(a)))
+        // Once enough streams are warm, a window that would touch a stream never used before
+        // comes last (its memory would become resident).
+        let warm = self.slots.iter().filter(|s| s.touched).count();
+        let all_warm =
+            |a: usize| warm < MIN_WARM_SLOTS || self.slots[a..a + k].iter().all(|s| s.touched);
+        let Some(a) =
+            (0..=n - k).max_by_key(|&a| (all_warm(a), inside(a, &self.seqs), std::cmp::Reverse(a)))
         else {
             return;
         };
@@ -449,12 +463,16 @@ impl<'m> Scheduler<'m> {
                 .iter()
                 .enumerate()
                 .filter(|(_, &id)| id >= lo && id < hi)
-                .min_by_key(|(_, &id)| self.slots[id as usize].used)
+                .min_by_key(|(_, &id)| self.victim_order(id))
                 .map(|(p, _)| p)
             else {
                 return;
             };
             let new = self.free_ids.swap_remove(pos);
+            if !self.slots[new as usize].touched {
+                tracing::debug!(new, running = k, "new KV stream in use (move)");
+                self.slots[new as usize].touched = true;
+            }
             let old = self.seqs[i].seq_id;
             let empty = self.seqs[i].leader.is_some()
                 || self.seqs[i].wait.is_some()
@@ -503,6 +521,14 @@ impl<'m> Scheduler<'m> {
 
     /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
     /// how many of the prompt's tokens are already computed in it.
+    /// Which free stream to overwrite first (the smallest): the least recently used, except
+    /// that once [`MIN_WARM_SLOTS`] streams are warm, a stream never used comes last.
+    fn victim_order(&self, id: i32) -> (bool, u64, i32) {
+        let slot = &self.slots[id as usize];
+        let warm = self.slots.iter().filter(|s| s.touched).count();
+        (!slot.touched && warm >= MIN_WARM_SLOTS, slot.used, id)
+    }
+
     fn take_slot(&mut self, prompt: &[u32]) -> Option<Taken> {
         if self.free_ids.is_empty() {
             return None;
@@ -512,7 +538,7 @@ impl<'m> Scheduler<'m> {
             .free_ids
             .iter()
             .enumerate()
-            .min_by_key(|(_, id)| self.slots[**id as usize].used)
+            .min_by_key(|(_, id)| self.victim_order(**id))
             .map(|(i, _)| i)?;
         if !self.prefix_cache || prompt.is_empty() {
             let id = self.free_ids.swap_remove(lru);
@@ -661,6 +687,10 @@ impl<'m> Scheduler<'m> {
                 let Some((seq_id, reused, wait)) = self.take_slot(prompt) else {
                     break;
                 };
+                if !self.slots[seq_id as usize].touched {
+                    tracing::debug!(seq_id, running = self.seqs.len(), "new KV stream in use");
+                    self.slots[seq_id as usize].touched = true;
+                }
                 if leader.is_none() {
                     cached = wait.map_or(reused, |(_, len)| len);
                 }
