@@ -259,3 +259,60 @@ def test_managed_key_rate_limit_is_the_sdks_rate_limit_error(server):
     usage = admin.get("/admin/usage", params={"account": "sdk", "group_by": "status"}).json()
     by_status = {g["group"]: g["requests"] for g in usage["data"]}
     assert by_status == {"200": 1, "429": 2}, usage
+
+
+def test_legacy_functions_with_the_sdk(client: OpenAI, server):
+    """The deprecated `functions` / `function_call` fields, answered in their own shape."""
+    functions = [{"name": "get_weather", "description": "Weather in a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"], "additionalProperties": False}}]
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
+                                       function_call={"name": "get_weather"}, max_tokens=60, seed=1)
+    strict(r)
+    choice = r.choices[0]
+    # A forced (named) call ends with "stop", as OpenAI answers it; a call the model chose
+    # ends with "function_call" (test_upstream_sdk.py, where the upstream always calls).
+    assert choice.finish_reason == "stop"
+    assert choice.message.tool_calls is None and choice.message.content is None
+    fc = choice.message.function_call
+    assert fc.name == "get_weather" and "city" in json.loads(fc.arguments)
+    # The raw body is valid against OpenAI's published spec.
+    raw = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer sk-sdk-test"},
+                     json={"model": MODEL, "messages": msgs, "functions": functions,
+                           "function_call": {"name": "get_weather"}, "max_tokens": 60, "seed": 1}, timeout=60)
+    assert raw.status_code == 200, raw.text
+    validate(raw.text)
+    assert "tool_calls" not in raw.json()["choices"][0]["message"]
+    # Streamed in the legacy delta shape: the name first, then argument fragments.
+    name, args, finish = "", "", None
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
+                                                function_call={"name": "get_weather"}, max_tokens=60,
+                                                seed=1, stream=True):
+        strict(chunk)
+        for c in chunk.choices:
+            assert c.delta.tool_calls is None
+            if c.delta.function_call:
+                name += c.delta.function_call.name or ""
+                args += c.delta.function_call.arguments or ""
+            finish = c.finish_reason or finish
+    assert (name, json.loads(args), finish) == (fc.name, json.loads(fc.arguments), "stop")
+    # The call and the function's answer go back in the legacy history shape.
+    msgs += [choice.message.model_dump(exclude_none=True),
+             {"role": "function", "name": "get_weather", "content": "Sunny, 24 degrees"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
+                                        function_call="none", max_tokens=20, seed=1)
+    assert r2.choices[0].message.content and r2.choices[0].message.function_call is None
+    assert r2.choices[0].finish_reason in ("stop", "length")
+    # As strict as tools: both forms at once, an unknown name, a call without functions.
+    tools = [{"type": "function", "function": functions[0]}]
+    for kwargs, param in [
+        ({"functions": functions, "tools": tools}, "functions"),
+        ({"functions": functions, "function_call": {"name": "nope"}}, "function_call"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"functions": functions, "tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"description": "no name"}]}, "functions[0].name"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=5, **kwargs)
+        assert e.value.param == param, (kwargs, e.value.body)

@@ -79,3 +79,33 @@ def test_reasoning_with_both_sdks(gateway):
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "The user greets me."
     assert final.content[1].text == "Hi!"
+
+
+def test_legacy_functions_through_an_upstream(gateway):
+    """`functions` reach the upstream as tools; its call comes back in the legacy shape."""
+    functions = [{"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    c = sdk(gateway)
+    for model, city in (("gpt-tools", "Paris"), ("claude-tools", "Lyon")):
+        raw = c.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Weather?"}], functions=functions,
+            max_tokens=50)
+        validate(raw.text)
+        r = raw.parse()
+        strict(r)
+        m = r.choices[0].message
+        assert r.choices[0].finish_reason == "function_call"
+        assert m.tool_calls is None and m.function_call.name == "get_weather"
+        assert json.loads(m.function_call.arguments) == {"city": city}
+        name, args, finish = "", "", None
+        for chunk in c.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Weather?"}], functions=functions,
+                max_tokens=50, stream=True):
+            strict(chunk)
+            for ch in chunk.choices:
+                assert ch.delta.tool_calls is None
+                if ch.delta.function_call:
+                    name += ch.delta.function_call.name or ""
+                    args += ch.delta.function_call.arguments or ""
+                finish = ch.finish_reason or finish
+        assert (name, json.loads(args), finish) == ("get_weather", {"city": city}, "function_call")

@@ -169,6 +169,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
         tools,
         tool_choice,
         parallel_tool_calls,
+        legacy_functions: false,
         max_ttft_ms: None,
         extra: serde_json::Map::new(),
         app,

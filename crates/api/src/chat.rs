@@ -62,6 +62,9 @@ pub struct ChatRequest {
     pub tool_choice: ToolChoice,
     /// Whether several calls may come in one answer.
     pub parallel_tool_calls: bool,
+    /// The tools came as the legacy `functions` (and `function_call`): the answer is written
+    /// in that shape too (`message.function_call`, `finish_reason: "function_call"`).
+    pub legacy_functions: bool,
     /// parlance extension: abandon an upstream attempt whose first token has not arrived after
     /// this many milliseconds and try the next deployment.
     pub max_ttft_ms: Option<u64>,
@@ -777,18 +780,53 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
             }
         }
     }
-    let tool_choice_given = !matches!(raw.tool_choice, None | Some(Value::Null));
-    let tool_choice = match &raw.tool_choice {
+    let mut tool_choice_given = !matches!(raw.tool_choice, None | Some(Value::Null));
+    let mut tool_choice = match &raw.tool_choice {
         None | Some(Value::Null) if tools.is_empty() => ToolChoice::None,
         None | Some(Value::Null) => ToolChoice::Auto,
         Some(c) => parse_tool_choice(c)?,
     };
-    let parallel_tool_calls = raw.parallel_tool_calls.unwrap_or(true);
-    if raw.functions.is_some() {
-        return Err(unsupported("functions", "(legacy function calling)"));
-    }
-    if raw.function_call.is_some() {
-        return Err(unsupported("function_call", "(legacy function calling)"));
+    let mut parallel_tool_calls = raw.parallel_tool_calls.unwrap_or(true);
+    // Legacy function calling: `functions` and `function_call` are `tools` and `tool_choice`
+    // in their older shape, with one call per answer.
+    let functions = raw.functions.as_ref().filter(|v| !v.is_null());
+    let function_call = raw.function_call.as_ref().filter(|v| !v.is_null());
+    let legacy_functions = functions.is_some() || function_call.is_some();
+    if legacy_functions {
+        if raw.tools.is_some() {
+            return Err(ApiError::invalid(
+                if functions.is_some() { "functions" } else { "function_call" },
+                "'functions' and 'function_call' are deprecated forms of 'tools' and 'tool_choice'; use one form or the other, not both.",
+            ));
+        }
+        if tool_choice_given {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "'tool_choice' cannot be combined with 'functions'; use 'function_call'.",
+            ));
+        }
+        tools = parse_functions(functions)?;
+        tool_choice = match function_call {
+            None if tools.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+            Some(c) => parse_function_call(c)?,
+        };
+        if let (ToolChoice::Named(name), false) = (&tool_choice, tools.is_empty()) {
+            if !tools.iter().any(|t| &t.name == name) {
+                return Err(ApiError::invalid(
+                    "function_call",
+                    format!("Invalid 'function_call': no function named '{name}' in 'functions'."),
+                ));
+            }
+        }
+        if tools.is_empty() {
+            return Err(ApiError::invalid(
+                "function_call",
+                "'function_call' is only allowed when 'functions' are specified.",
+            ));
+        }
+        tool_choice_given = function_call.is_some();
+        parallel_tool_calls = false;
     }
     let response_format = match &raw.response_format {
         None | Some(Value::Null) => None,
@@ -843,6 +881,7 @@ fn validate(raw: RawRequest) -> Result<ChatRequest, ApiError> {
         tools,
         tool_choice,
         parallel_tool_calls,
+        legacy_functions,
         max_ttft_ms,
         extra: serde_json::Map::new(),
         app: AppFields {
@@ -945,16 +984,29 @@ fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
             Some(at("function")),
         )
     })?;
+    parse_function(&at("function"), f)
+}
+
+/// A function definition (`tools[i].function`, or `functions[i]` of the legacy shape); `at`
+/// names it in errors.
+fn parse_function(at: &str, f: &Value) -> Result<Tool, ApiError> {
+    let at = |field: &str| format!("{at}.{field}");
+    if !f.is_object() {
+        return Err(ApiError::malformed(
+            format!("Invalid type for '{}': expected an object.", at("")),
+            Some(at("").trim_end_matches('.').to_owned()),
+        ));
+    }
     let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
         ApiError::malformed(
-            format!("Missing required parameter: '{}'.", at("function.name")),
-            Some(at("function.name")),
+            format!("Missing required parameter: '{}'.", at("name")),
+            Some(at("name")),
         )
     })?;
     if !valid_function_name(name) {
         return Err(ApiError::invalid(
-            at("function.name"),
-            format!("Invalid '{}': '{name}' must be 1 to 64 characters among a-z, A-Z, 0-9, '_' and '-'.", at("function.name")),
+            at("name"),
+            format!("Invalid '{}': '{name}' must be 1 to 64 characters among a-z, A-Z, 0-9, '_' and '-'.", at("name")),
         ));
     }
     let parameters = match f.get("parameters") {
@@ -964,9 +1016,9 @@ fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
             return Err(ApiError::malformed(
                 format!(
                     "Invalid type for '{}': expected an object.",
-                    at("function.parameters")
+                    at("parameters")
                 ),
-                Some(at("function.parameters")),
+                Some(at("parameters")),
             ))
         }
     };
@@ -979,6 +1031,66 @@ fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
         parameters,
         strict: f.get("strict").and_then(Value::as_bool).unwrap_or(false),
     })
+}
+
+/// The legacy `functions`: 1 to 128 function definitions.
+fn parse_functions(functions: Option<&Value>) -> Result<Vec<Tool>, ApiError> {
+    let Some(v) = functions else {
+        return Ok(Vec::new());
+    };
+    let list = v.as_array().ok_or_else(|| {
+        ApiError::malformed(
+            "Invalid type for 'functions': expected an array of function definitions.",
+            Some("functions".into()),
+        )
+    })?;
+    if list.is_empty() || list.len() > 128 {
+        return Err(ApiError::invalid(
+            "functions",
+            format!(
+                "Invalid 'functions': {} functions; expected between 1 and 128.",
+                list.len()
+            ),
+        ));
+    }
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, f) in list.iter().enumerate() {
+        let t = parse_function(&format!("functions[{i}]"), f)?;
+        if tools.iter().any(|o| o.name == t.name) {
+            return Err(ApiError::invalid(
+                format!("functions[{i}].name"),
+                format!("Invalid 'functions': '{}' is defined twice.", t.name),
+            ));
+        }
+        tools.push(t);
+    }
+    Ok(tools)
+}
+
+/// The legacy `function_call`: `"none"`, `"auto"` or `{"name": ...}`.
+fn parse_function_call(c: &Value) -> Result<ToolChoice, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "function_call",
+            "Invalid 'function_call': expected 'none', 'auto' or {\"name\": ...}.",
+        )
+    };
+    match c {
+        Value::String(s) if s == "none" => Ok(ToolChoice::None),
+        Value::String(s) if s == "auto" => Ok(ToolChoice::Auto),
+        Value::Object(o) => o
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| ToolChoice::Named(n.to_owned()))
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// The id parlance gives a call written in the legacy shape (`function_call` in an assistant
+/// message, answered by a `function` message that names the function, not the call).
+pub fn legacy_call_id(name: &str) -> String {
+    format!("call_fn_{name}")
 }
 
 /// `tool_choice`'s shape; whether a named function is offered is checked by
@@ -1172,9 +1284,8 @@ pub fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
         Some("user") => Role::User,
         Some("assistant") => Role::Assistant,
         Some("tool") => Role::Tool,
-        Some("function") => {
-            return Err(unsupported(&at("role"), "'function' (legacy function calling)"))
-        }
+        // The legacy answer to a `function_call`: a tool result that names the function.
+        Some("function") => Role::Tool,
         Some(other) => {
             return Err(ApiError::invalid(
                 at("role"),
@@ -1238,7 +1349,40 @@ pub fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             ))
         }
     };
-    let tool_calls = obj.get("tool_calls").filter(|v| !v.is_null()).cloned();
+    let legacy_role = obj.get("role").and_then(Value::as_str) == Some("function");
+    let mut tool_calls = obj.get("tool_calls").filter(|v| !v.is_null()).cloned();
+    if let Some(fc) = obj.get("function_call").filter(|v| !v.is_null()) {
+        // The legacy shape of one call: kept as a tool call with an id derived from its name.
+        if role != Role::Assistant || tool_calls.is_some() {
+            return Err(ApiError::invalid(
+                at("function_call"),
+                "Only assistant messages may carry 'function_call', and not together with 'tool_calls'.",
+            ));
+        }
+        let name = fc.get("name").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::malformed(
+                format!(
+                    "Missing required parameter: '{}.name'.",
+                    at("function_call")
+                ),
+                Some(format!("{}.name", at("function_call"))),
+            )
+        })?;
+        let arguments = fc.get("arguments").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::malformed(
+                format!(
+                    "Missing required parameter: '{}.arguments'.",
+                    at("function_call")
+                ),
+                Some(format!("{}.arguments", at("function_call"))),
+            )
+        })?;
+        tool_calls = Some(serde_json::json!([{
+            "id": legacy_call_id(name),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }]));
+    }
     if tool_calls.is_some() && role != Role::Assistant {
         return Err(ApiError::invalid(
             at("tool_calls"),
@@ -1256,16 +1400,31 @@ pub fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             ));
         }
     }
+    // A legacy `function` result may be null: an empty result.
+    let content = if legacy_role {
+        Some(content.unwrap_or_default())
+    } else {
+        content
+    };
     if content.is_none() && !(role == Role::Assistant && tool_calls.is_some()) {
         return Err(ApiError::malformed(
             format!("Missing required parameter: '{}'.", at("content")),
             Some(at("content")),
         ));
     }
-    let tool_call_id = obj
+    let mut tool_call_id = obj
         .get("tool_call_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    if legacy_role {
+        let name = obj.get("name").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::malformed(
+                format!("Missing required parameter: '{}'.", at("name")),
+                Some(at("name")),
+            )
+        })?;
+        tool_call_id = Some(legacy_call_id(name));
+    }
     if role == Role::Tool && tool_call_id.is_none() {
         return Err(ApiError::malformed(
             format!("Missing required parameter: '{}'.", at("tool_call_id")),
@@ -1329,6 +1488,8 @@ pub enum FinishReason {
     ToolCalls,
     /// Content was filtered.
     ContentFilter,
+    /// The model called a function (legacy `functions`; the same end as `tool_calls`).
+    FunctionCall,
 }
 
 /// `usage`.
@@ -1479,6 +1640,9 @@ pub struct AssistantMessage {
     /// Calls the model made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call the model made, for a request that used the legacy `functions`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
     /// What the model thought before answering, when it thinks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -1609,6 +1773,9 @@ pub struct Delta {
     /// Tool-call fragments.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// A fragment of the function call (requests that used the legacy `functions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionDelta>,
     /// New reasoning text (models that think before they answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -1641,6 +1808,83 @@ mod tests {
             Err(e) => e,
             Ok(r) => ApiError::malformed(format!("unexpectedly valid: {r:?}"), None),
         }
+    }
+
+    #[test]
+    fn legacy_functions_become_tools_and_answer_in_their_shape() {
+        let f = json!([{"name": "get_weather", "parameters": {"type": "object"}}]);
+        let mut b = with("functions", f.clone());
+        b["function_call"] = json!({"name": "get_weather"});
+        let r = parse(b).unwrap();
+        assert!(r.legacy_functions);
+        assert_eq!(r.tools.len(), 1);
+        assert_eq!(r.tool_choice, ToolChoice::Named("get_weather".into()));
+        assert!(
+            !r.parallel_tool_calls,
+            "the legacy shape has one call per answer"
+        );
+        let r = parse(with("functions", f.clone())).unwrap();
+        assert_eq!(r.tool_choice, ToolChoice::Auto);
+        let mut b = with("functions", f.clone());
+        b["function_call"] = json!("none");
+        assert_eq!(parse(b).unwrap().tool_choice, ToolChoice::None);
+        // Plain tools are not legacy.
+        let t = json!([{"type": "function", "function": {"name": "a"}}]);
+        assert!(!parse(with("tools", t.clone())).unwrap().legacy_functions);
+        // Mixing the forms, bad values.
+        let mut b = with("functions", f.clone());
+        b["tools"] = t;
+        assert_eq!(err(b).param().as_deref(), Some("functions"));
+        let mut b = with("functions", f.clone());
+        b["function_call"] = json!("required");
+        assert_eq!(err(b).param().as_deref(), Some("function_call"));
+        assert_eq!(
+            err(with("function_call", json!("auto"))).param().as_deref(),
+            Some("function_call")
+        );
+        assert_eq!(
+            err(with("functions", json!([]))).param().as_deref(),
+            Some("functions")
+        );
+        assert_eq!(
+            err(with("functions", json!([{"name": "a"}, {"name": "a"}])))
+                .param()
+                .as_deref(),
+            Some("functions[1].name")
+        );
+    }
+
+    #[test]
+    fn legacy_history_messages_pair_call_and_result() {
+        let call = parse_message(
+            0,
+            &json!({"role": "assistant", "content": null,
+                    "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}),
+        )
+        .unwrap();
+        let calls = call.tool_calls.unwrap();
+        assert_eq!(calls[0]["id"], json!(legacy_call_id("get_weather")));
+        assert_eq!(
+            calls[0]["function"]["arguments"],
+            json!("{\"city\":\"Rome\"}")
+        );
+        let result = parse_message(
+            1,
+            &json!({"role": "function", "name": "get_weather", "content": "Sunny"}),
+        )
+        .unwrap();
+        assert_eq!(result.role, Role::Tool);
+        assert_eq!(result.tool_call_id, Some(legacy_call_id("get_weather")));
+        assert_eq!(result.content.as_deref(), Some("Sunny"));
+        // A function result must name its function; a user cannot carry a call.
+        let e = parse_message(2, &json!({"role": "function", "content": "x"})).unwrap_err();
+        assert_eq!(e.param().as_deref(), Some("messages[2].name"));
+        let e = parse_message(
+            3,
+            &json!({"role": "user", "content": "x", "function_call": {"name": "a", "arguments": "{}"}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.param().as_deref(), Some("messages[3].function_call"));
     }
 
     #[test]

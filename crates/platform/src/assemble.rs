@@ -48,6 +48,19 @@ pub struct ResponseMeta {
     pub request_id: String,
     /// The session, if one is in use.
     pub session_id: Option<String>,
+    /// The request used the legacy `functions`: its call is written as `function_call`.
+    pub legacy_functions: bool,
+}
+
+impl ResponseMeta {
+    /// A choice's finish reason as this request's caller expects it: `function_call` for a
+    /// call made to a legacy `functions` request.
+    pub fn finish_reason(&self, reason: FinishReason) -> FinishReason {
+        match reason {
+            FinishReason::ToolCalls if self.legacy_functions => FinishReason::FunctionCall,
+            r => r,
+        }
+    }
 }
 
 impl Assembly {
@@ -122,14 +135,22 @@ impl Assembly {
             .get(index as usize)
             .cloned()
             .unwrap_or_default();
-        let calls = c.calls;
+        let mut calls = c.calls;
+        // The legacy shape has one call, as `function_call` (such requests allow only one).
+        let function_call = if meta.legacy_functions && !calls.is_empty() {
+            Some(calls.remove(0).function)
+        } else {
+            None
+        };
+        let calls_none = calls.is_empty() && function_call.is_none();
         AssistantMessage {
             id: Some(crate::ids::message_id(&meta.request_id, index)),
             role: "assistant",
             // A turn that only calls tools has null content, as OpenAI answers it.
-            content: (calls.is_empty() || !c.text.is_empty()).then_some(c.text),
+            content: (calls_none || !c.text.is_empty()).then_some(c.text),
             refusal: None,
             tool_calls: (!calls.is_empty()).then_some(calls),
+            function_call,
             reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
         }
     }
@@ -146,7 +167,7 @@ impl Assembly {
                         content: c.logprobs.clone(),
                         refusal: None,
                     }),
-                    finish_reason: c.finish.unwrap_or(FinishReason::Stop),
+                    finish_reason: meta.finish_reason(c.finish.unwrap_or(FinishReason::Stop)),
                     completion_id: Some(crate::ids::completion_id(&meta.request_id, i)),
                 }
             })

@@ -209,6 +209,7 @@ impl Platform {
                 fingerprint: started.fingerprint.clone(),
                 request_id,
                 session_id: started.session_id.clone(),
+                legacy_functions: request.legacy_functions,
             };
             let first = std::mem::replace(
                 &mut started.stream.events,

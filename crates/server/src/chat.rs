@@ -59,6 +59,7 @@ pub(crate) async fn completions(
         fingerprint: started.fingerprint.clone(),
         request_id: started.request_id.clone(),
         session_id: started.session_id.clone(),
+        legacy_functions: request.legacy_functions,
     };
     let mut resp = if request.stream {
         stream(meta, &request, started).into_response()
@@ -112,11 +113,17 @@ fn delta(index: u32, delta: Delta, finish_reason: Option<FinishReason>) -> Chunk
 
 /// A chunk carrying one tool-call fragment.
 fn tool_chunk(meta: &ResponseMeta, choice: u32, tc: ToolCallDelta, usage: UsageField) -> Event {
-    let d = Delta {
-        role: None,
-        content: None,
-        tool_calls: Some(vec![tc]),
-        reasoning_content: None,
+    let d = if meta.legacy_functions {
+        // The legacy shape: the one call's name and arguments as `function_call`.
+        Delta {
+            function_call: Some(tc.function),
+            ..Delta::default()
+        }
+    } else {
+        Delta {
+            tool_calls: Some(vec![tc]),
+            ..Delta::default()
+        }
     };
     chunk(meta, vec![delta(choice, d, None)], usage)
 }
@@ -136,6 +143,7 @@ fn stream(meta: ResponseMeta, request: &ChatRequest, started: Started) -> impl I
                 role: Some("assistant"),
                 content: Some(String::new()),
                 tool_calls: None,
+                function_call: None,
                 reasoning_content: None,
             };
             let mut c = delta(i, d, None);
@@ -155,6 +163,7 @@ fn stream(meta: ResponseMeta, request: &ChatRequest, started: Started) -> impl I
                     role: None,
                     content: Some(text),
                     tool_calls: None,
+                    function_call: None,
                     reasoning_content: None,
                 };
                 let mut c = delta(choice, d, None);
@@ -176,7 +185,11 @@ fn stream(meta: ResponseMeta, request: &ChatRequest, started: Started) -> impl I
             ChatEvent::Finish { choice, reason, .. } => {
                 vec![chunk(
                     &m,
-                    vec![delta(choice, Delta::default(), Some(reason))],
+                    vec![delta(
+                        choice,
+                        Delta::default(),
+                        Some(m.finish_reason(reason)),
+                    )],
                     none,
                 )]
             }
