@@ -394,6 +394,8 @@ pub enum StopReason {
     StopSequence,
     /// The model called tools.
     ToolUse,
+    /// A content filter stopped the answer.
+    Refusal,
 }
 
 /// `usage`.

@@ -42,6 +42,9 @@ pub struct FileConfig {
     /// Upstream providers that models' deployments name.
     #[serde(default)]
     pub providers: Vec<ProviderSection>,
+    /// Content filters applied to every request and answer (`[[filters]]`).
+    #[serde(default)]
+    pub filters: Vec<parlance_platform::FilterSpec>,
 }
 
 /// An upstream provider.

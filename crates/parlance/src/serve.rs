@@ -299,7 +299,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication");
         }
-        let platform = Platform::new(catalog, Arc::new(keys), store, limiter);
+        let filters = parlance_platform::Filters::new(&file.filters)
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        let platform =
+            Platform::new(catalog, Arc::new(keys), store, limiter).with_filters(filters);
         let mut state = AppState::new(platform.clone()).with_admin_token(admin_token.as_deref());
         state.convention = convention;
         if let Some(limit) = file.body_limit_bytes {

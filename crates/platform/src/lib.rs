@@ -10,6 +10,8 @@ mod assemble;
 mod auth;
 mod catalog;
 mod conversation;
+mod filter;
+use filter::FilteredEvents;
 mod httptool;
 pub mod ids;
 mod meter;
@@ -23,6 +25,7 @@ pub use apps_api::{CompletionList, FeedbackInput};
 pub use assemble::{Assembly, ChoiceOutput, ResponseMeta};
 pub use auth::{hash_secret, Authenticator, Keys, Principal, StaticKeys, KEY_CACHE_TTL};
 pub use catalog::{Catalog, CatalogEntry};
+pub use filter::{FilterSpec, Filters};
 pub use pricing::Price;
 pub use projects::{
     CampaignSpec, HttpTool, ProjectSpec, ProjectTool, Sticky, Variant, APP_CACHE_TTL,
@@ -52,6 +55,8 @@ pub struct Platform {
     apps: Arc<projects::Apps>,
     /// The client for project tools parlance calls.
     http: reqwest::Client,
+    /// Content filters applied to every request and answer.
+    filters: Filters,
 }
 
 /// What a usage record says about the application layer.
@@ -171,7 +176,14 @@ impl Platform {
             meter,
             apps,
             http: reqwest::Client::new(),
+            filters: Filters::default(),
         }
+    }
+
+    /// The same platform with these content filters on every request and answer.
+    pub fn with_filters(mut self, filters: Filters) -> Self {
+        self.filters = filters;
+        self
     }
 
     /// Resolves the project, campaign, session and model, prepares the request, checks the
@@ -269,6 +281,7 @@ impl Platform {
             ended: None,
             status: 200,
             outcome: "started",
+            filter_hits: 0,
         };
         // A full queue refuses at once, before templating and tokenizing, for callers that no
         // quota could refuse first (a 429 always comes before a 503).
@@ -279,6 +292,30 @@ impl Platform {
             }
             return Err(e);
         }
+        // Content filters on what the caller sent: a block refuses before any work (recorded,
+        // not billed); redaction rewrites the messages the model sees.
+        let filtered;
+        let mut input_hits = 0;
+        let request = if self.filters.is_empty() {
+            request
+        } else {
+            let mut r = request.clone();
+            match self.filters.check_input(&mut r) {
+                Ok(hits) => input_hits = hits,
+                Err(e) => {
+                    if let Some(t) = self.meter.ticket(closing(0, tags)) {
+                        t.update(|c| {
+                            c.filter_hits = 1;
+                            c.status = 400;
+                        });
+                        meter::refused(t, &e);
+                    }
+                    return Err(e);
+                }
+            }
+            filtered = r;
+            &filtered
+        };
         let prepared = entry.provider.prepare(request).await?;
         let prompt_tokens = prepared.prompt_tokens();
         let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
@@ -350,6 +387,34 @@ impl Platform {
                 return Err(e);
             }
         };
+        ticket.update(|c| c.filter_hits = input_hits);
+        // Output filters see the events first; when they stop a choice they need what the
+        // work used, so the tally goes to them as well as to the watcher.
+        let mut filter_tally = None;
+        if FilteredEvents::needed(&self.filters) {
+            if let Some(rx) = stream.tally.take() {
+                let (to_watcher, watcher_rx) = tokio::sync::oneshot::channel();
+                let (to_filter, filter_rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if let Ok(t) = rx.await {
+                        let _ = to_watcher.send(t);
+                        let _ = to_filter.send(t);
+                    }
+                });
+                stream.tally = Some(watcher_rx);
+                filter_tally = Some(filter_rx);
+            }
+            let t = ticket.clone();
+            let events = std::mem::replace(&mut stream.events, Box::pin(futures::stream::empty()));
+            stream.events = Box::pin(FilteredEvents::new(
+                events,
+                &self.filters,
+                request.n,
+                filter_tally,
+                prompt_tokens,
+                Box::new(move |hits| t.update(|c| c.filter_hits += hits)),
+            ));
+        }
         // The tally watcher holds the ticket until the provider says what the work used.
         if let Some(rx) = stream.tally.take() {
             let t = ticket.clone();

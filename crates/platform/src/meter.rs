@@ -50,6 +50,8 @@ pub(crate) struct Closing {
     pub ended: Option<Instant>,
     pub status: u16,
     pub outcome: &'static str,
+    /// Content-filter matches.
+    pub filter_hits: u32,
 }
 
 impl Closing {
@@ -275,6 +277,7 @@ fn close(c: Closing) -> (Option<Settlement>, UsageRecord, Option<(String, u64, u
         session_id: c.tags.session_id,
         parent_id: c.tags.parent_id,
         tags: c.tags.tags,
+        filter_hits: i64::from(c.filter_hits),
     };
     (settlement, record, refund)
 }

@@ -122,6 +122,7 @@ fn stop_reason(
     match (reason, stop_sequence) {
         (_, Some(s)) => (StopReason::StopSequence, Some(s)),
         (FinishReason::Length, None) => (StopReason::MaxTokens, None),
+        (FinishReason::ContentFilter, None) => (StopReason::Refusal, None),
         (_, None) => (StopReason::EndTurn, None),
     }
 }

@@ -110,6 +110,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../migrations/0003_projects_sessions_campaigns.sql"),
     ),
+    (4, include_str!("../migrations/0004_filter_hits.sql")),
 ];
 
 /// The database behind the platform.

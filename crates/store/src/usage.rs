@@ -54,6 +54,8 @@ pub struct UsageRecord {
     pub parent_id: Option<String>,
     /// Free-form tags, for filtering and grouping.
     pub tags: Vec<String>,
+    /// Content-filter matches (blocked or redacted, input and output).
+    pub filter_hits: i64,
 }
 
 /// Which records to aggregate, and how to group them.
@@ -111,6 +113,8 @@ pub struct UsageGroup {
     pub avg_latency_ms: Option<i64>,
     /// Mean time to first token, ms.
     pub avg_ttft_ms: Option<i64>,
+    /// Content-filter matches.
+    pub filter_hits: i64,
 }
 
 /// The aggregate columns over usage records `u`, shared by [`Store::usage`] and the campaign
@@ -124,7 +128,8 @@ pub(crate) const AGGREGATES: &str = "\
     CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
     CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost, \
     CAST(AVG(u.latency_ms) AS BIGINT) AS avg_latency_ms, \
-    CAST(AVG(u.ttft_ms) AS BIGINT) AS avg_ttft_ms";
+    CAST(AVG(u.ttft_ms) AS BIGINT) AS avg_ttft_ms, \
+    CAST(COALESCE(SUM(u.filter_hits), 0) AS BIGINT) AS filter_hits";
 
 /// `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
 pub(crate) fn values(rows: usize, cols: usize) -> String {
@@ -157,8 +162,8 @@ pub(crate) async fn insert_usage(
             "INSERT INTO usage_records (request_id, created_at, key_id, account_id, model, provider, \
              prompt_tokens, cached_tokens, completion_tokens, cost, latency_ms, ttft_ms, status, \
              outcome, user_id, labels, project_id, campaign_id, variant, session_id, parent_id, \
-             tags) VALUES {} ON CONFLICT (request_id) DO NOTHING",
-            values(chunk.len(), 22)
+             tags, filter_hits) VALUES {} ON CONFLICT (request_id) DO NOTHING",
+            values(chunk.len(), 23)
         );
         let mut q = sqlx::query(&sql);
         for r in chunk {
@@ -186,7 +191,8 @@ pub(crate) async fn insert_usage(
                 .bind(r.variant.clone())
                 .bind(r.session_id.clone())
                 .bind(r.parent_id.clone())
-                .bind(tags);
+                .bind(tags)
+                .bind(r.filter_hits);
         }
         q.execute(&mut **tx).await?;
     }
@@ -377,6 +383,7 @@ impl Store {
                     cost: r.try_get("cost")?,
                     avg_latency_ms: r.try_get("avg_latency_ms")?,
                     avg_ttft_ms: r.try_get("avg_ttft_ms")?,
+                    filter_hits: r.try_get("filter_hits")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -273,6 +273,8 @@ fn record(id: &str, model: &str, user: &str, team: &str, cost: i64, status: i64)
         session_id: None,
         parent_id: None,
         tags: Vec::new(),
+        // Refused records stand for filter blocks here: 3 hits each.
+        filter_hits: if status >= 400 { 3 } else { 0 },
     }
 }
 
@@ -292,6 +294,7 @@ async fn usage_is_filtered_and_grouped() {
         assert_eq!(total.len(), 1);
         assert_eq!(total[0].requests, 4, "{url}");
         assert_eq!(total[0].errors, 1);
+        assert_eq!(total[0].filter_hits, 3, "content-filter hits are summed");
         assert_eq!(total[0].cost, 70);
         assert_eq!(total[0].prompt_tokens, 40);
         assert_eq!(total[0].avg_ttft_ms, Some(20));
