@@ -18,10 +18,10 @@ use parlance_providers::{ChatEvent, Tally};
 use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::meta::Regex;
 use regex_automata::{Anchored, Input};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One filter as an operator writes it (config file `[[filters]]`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FilterSpec {
     /// Names the filter in errors and logs.
@@ -29,19 +29,19 @@ pub struct FilterSpec {
     /// `terms`, `regex`, `email`, `card` (with a Luhn check) or `phone`.
     pub kind: String,
     /// For `terms`: words or phrases, matched case-insensitively as whole words.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub terms: Vec<String>,
     /// For `regex`: the pattern (Rust `regex` syntax).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
     /// `block` (default) or `redact`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
     /// `input`, `output` or `both` (default).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applies_to: Option<String>,
     /// What a redacted match becomes (default `[REDACTED]`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacement: Option<String>,
 }
 
@@ -66,7 +66,7 @@ struct Rule {
 /// A set of compiled filters; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
-    rules: Arc<Vec<Rule>>,
+    rules: Arc<Vec<Arc<Rule>>>,
 }
 
 const EMAIL: &str = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}";
@@ -131,7 +131,7 @@ impl Filters {
                 return Err(at("the pattern matches empty text"));
             }
             let dfa = DFA::new(&pattern).map_err(|e| at(&e.to_string()))?;
-            rules.push(Rule {
+            rules.push(Arc::new(Rule {
                 name: s.name.clone(),
                 find,
                 dfa,
@@ -140,11 +140,26 @@ impl Filters {
                 input,
                 output,
                 replacement: s.replacement.clone().unwrap_or_else(|| "[REDACTED]".into()),
-            });
+            }));
         }
         Ok(Self {
             rules: Arc::new(rules),
         })
+    }
+
+    /// These filters and then `other`'s.
+    pub fn merged(&self, other: &Filters) -> Filters {
+        if other.is_empty() {
+            return self.clone();
+        }
+        if self.is_empty() {
+            return other.clone();
+        }
+        let mut rules: Vec<Arc<Rule>> = self.rules.as_ref().clone();
+        rules.extend(other.rules.iter().cloned());
+        Filters {
+            rules: Arc::new(rules),
+        }
     }
 
     /// Whether there are no filters at all.
@@ -259,7 +274,7 @@ pub enum Filtered {
 /// Filters one stream of output text.
 #[derive(Debug)]
 pub struct OutputFilter {
-    rules: Arc<Vec<Rule>>,
+    rules: Arc<Vec<Arc<Rule>>>,
     caches: Vec<Cache>,
     pending: String,
     hits: u32,

@@ -294,13 +294,20 @@ impl Platform {
         }
         // Content filters on what the caller sent: a block refuses before any work (recorded,
         // not billed); redaction rewrites the messages the model sees.
+        let filters = match tags.project_id.as_deref() {
+            Some(id) => match self.apps.project(id).await {
+                Ok(Some(p)) => self.filters.merged(&p.filters),
+                _ => self.filters.clone(),
+            },
+            None => self.filters.clone(),
+        };
         let filtered;
         let mut input_hits = 0;
-        let request = if self.filters.is_empty() {
+        let request = if filters.is_empty() {
             request
         } else {
             let mut r = request.clone();
-            match self.filters.check_input(&mut r) {
+            match filters.check_input(&mut r) {
                 Ok(hits) => input_hits = hits,
                 Err(e) => {
                     if let Some(t) = self.meter.ticket(closing(0, tags)) {
@@ -391,7 +398,7 @@ impl Platform {
         // Output filters see the events first; when they stop a choice they need what the
         // work used, so the tally goes to them as well as to the watcher.
         let mut filter_tally = None;
-        if FilteredEvents::needed(&self.filters) {
+        if FilteredEvents::needed(&filters) {
             if let Some(rx) = stream.tally.take() {
                 let (to_watcher, watcher_rx) = tokio::sync::oneshot::channel();
                 let (to_filter, filter_rx) = tokio::sync::oneshot::channel();
@@ -408,7 +415,7 @@ impl Platform {
             let events = std::mem::replace(&mut stream.events, Box::pin(futures::stream::empty()));
             stream.events = Box::pin(FilteredEvents::new(
                 events,
-                &self.filters,
+                &filters,
                 request.n,
                 filter_tally,
                 prompt_tokens,

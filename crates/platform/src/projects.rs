@@ -59,6 +59,9 @@ pub struct ProjectSpec {
     /// How many rounds of server-side tool calls one request may take.
     #[serde(default = "default_steps")]
     pub max_tool_steps: u32,
+    /// Content filters for this project's requests, on top of the server's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<crate::filter::FilterSpec>,
 }
 
 /// A tool registered on a project.
@@ -177,6 +180,7 @@ impl ProjectSpec {
             crate::prompt::check(t, "system_prompt")?;
         }
         defaults(&self.params)?;
+        crate::filter::Filters::new(&self.filters).map_err(|e| bad("filters", e))?;
         if self.max_tool_steps == 0 || self.max_tool_steps > 32 {
             return Err(bad("max_tool_steps", "max_tool_steps is 1 to 32."));
         }
@@ -301,6 +305,8 @@ pub(crate) struct Project {
     pub account_id: Option<String>,
     pub spec: ProjectSpec,
     pub defaults: Option<ChatRequest>,
+    /// The spec's content filters, compiled.
+    pub filters: crate::filter::Filters,
 }
 
 /// A campaign, ready for requests.
@@ -322,7 +328,12 @@ fn load_project(r: ProjectRecord) -> Option<Project> {
         }
     };
     let defaults = defaults(&spec.params).ok().flatten();
+    let filters = crate::filter::Filters::new(&spec.filters).unwrap_or_else(|e| {
+        tracing::error!(project = %r.name, error = %e, "a stored project's filters cannot be compiled");
+        crate::filter::Filters::default()
+    });
     Some(Project {
+        filters,
         id: r.id,
         name: r.name,
         account_id: r.account_id,
