@@ -179,6 +179,24 @@ async fn filters_block_and_redact_input_and_output() {
     let m: Value = r.json().await.unwrap();
     assert_eq!(m["stop_reason"], "refusal", "{m}");
     assert!(!m.to_string().contains("banana"), "{m}");
+    // Streamed at the same door: the message_delta carries the refusal, no event the word.
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .json(&json!({"model": "echo", "max_tokens": 50, "stream": true,
+                      "messages": [{"role": "user", "content": "we sell banana cake"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("banana"), "{body}");
+    let delta = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "message_delta")
+        .unwrap_or_else(|| panic!("no message_delta in {body}"));
+    assert_eq!(delta["delta"]["stop_reason"], "refusal", "{delta}");
 
     // A project adds its own filters to the server's: "like" is redacted for its requests
     // only, and the server's block still applies.
@@ -225,7 +243,7 @@ async fn filters_block_and_redact_input_and_output() {
 
     // Hits are in the usage records: 2 output blocks + 2 redacted answers (≥ 2 hits each:
     // "today" twice is the model's greedy answer, counted loosely), 2 input blocks, 1
-    // redacted phone number, 1 block at the Anthropic door, the project's redaction and block.
+    // redacted phone number, 2 blocks at the Anthropic door, the project's redaction and block.
     let mut hits = 0;
     for _ in 0..100 {
         let r = client()
