@@ -136,6 +136,23 @@ async fn filters_block_and_redact_input_and_output() {
     let (stext, _, data) = streamed(&s, &body).await;
     assert_eq!(stext, text, "streamed redaction is the plain one");
     assert!(data.iter().all(|d| !d.to_lowercase().contains("today")));
+    // Log probabilities never show a redacted token either (they carry token text): those of
+    // text held back with a match are dropped.
+    let mut lp = body.clone();
+    lp["logprobs"] = json!(true);
+    lp["top_logprobs"] = json!(2);
+    let (_, _, v) = post(&s, &lp).await;
+    assert_eq!(v["choices"][0]["message"]["content"], json!(text), "{v}");
+    assert!(v["choices"][0]["logprobs"]["content"].is_array(), "{v}");
+    assert!(
+        !v["choices"][0]["logprobs"]
+            .to_string()
+            .to_lowercase()
+            .contains("today"),
+        "{v}"
+    );
+    let (_, _, data) = streamed(&s, &lp).await;
+    assert!(data.iter().all(|d| !d.to_lowercase().contains("today")));
 
     // Input block: 400 content_policy_violation before any work, for every provider.
     for model in [MODEL, "echo"] {

@@ -286,6 +286,11 @@ impl OutputFilter {
         self.hits
     }
 
+    /// Whether no text is held back.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Takes new text; returns what may be sent now.
     pub fn push(&mut self, text: &str) -> Filtered {
         self.pending.push_str(text);
@@ -389,6 +394,10 @@ pub(crate) struct FilteredEvents {
     inner: Option<Pin<Box<dyn Stream<Item = ChatEvent> + Send>>>,
     text: Vec<OutputFilter>,
     reasoning: Vec<OutputFilter>,
+    /// Per choice: log probabilities of text still held back. They are released with the last
+    /// of that text, and dropped when a match was redacted or blocked since (their token
+    /// strings would show what the filter removed).
+    held_logprobs: Vec<Vec<parlance_api::chat::TokenLogprob>>,
     /// Per choice: finished or blocked.
     ended: Vec<bool>,
     blocked: Vec<bool>,
@@ -415,6 +424,7 @@ impl FilteredEvents {
             inner: Some(inner),
             text: (0..n).map(|_| filters.output()).collect(),
             reasoning: (0..n).map(|_| filters.output()).collect(),
+            held_logprobs: vec![Vec::new(); n],
             ended: vec![false; n],
             blocked: vec![false; n],
             queue: Default::default(),
@@ -474,8 +484,19 @@ impl FilteredEvents {
                 if self.blocked.get(c).copied().unwrap_or(true) {
                     return;
                 }
-                match self.text[c].push(&text) {
+                let before = self.text[c].hits();
+                let out = self.text[c].push(&text);
+                self.held_logprobs[c].extend(logprobs);
+                if self.text[c].hits() > before {
+                    self.held_logprobs[c].clear();
+                }
+                match out {
                     Filtered::Text(t) => {
+                        let logprobs = if self.text[c].is_idle() {
+                            std::mem::take(&mut self.held_logprobs[c])
+                        } else {
+                            Vec::new()
+                        };
                         if !t.is_empty() || !logprobs.is_empty() {
                             self.queue.push_back(ChatEvent::Text {
                                 choice,
@@ -515,13 +536,19 @@ impl FilteredEvents {
                     self.block(choice, String::new(), &filter);
                     return;
                 }
-                match self.text[c].finish() {
+                let before = self.text[c].hits();
+                let out = self.text[c].finish();
+                if self.text[c].hits() > before {
+                    self.held_logprobs[c].clear();
+                }
+                match out {
                     Filtered::Text(t) => {
-                        if !t.is_empty() {
+                        let logprobs = std::mem::take(&mut self.held_logprobs[c]);
+                        if !t.is_empty() || !logprobs.is_empty() {
                             self.queue.push_back(ChatEvent::Text {
                                 choice,
                                 text: t,
-                                logprobs: Vec::new(),
+                                logprobs,
                             });
                         }
                         self.queue.push_back(ChatEvent::Finish {
