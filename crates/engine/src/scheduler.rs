@@ -443,9 +443,8 @@ impl<'m> Scheduler<'m> {
         };
         // Once enough streams are warm, a window that would touch a stream never used before
         // comes last (its memory would become resident).
-        let warm = self.slots.iter().filter(|s| s.touched).count();
-        let all_warm =
-            |a: usize| warm < MIN_WARM_SLOTS || self.slots[a..a + k].iter().all(|s| s.touched);
+        let warm = self.warm_enough();
+        let all_warm = |a: usize| !warm || self.slots[a..a + k].iter().all(|s| s.touched);
         let Some(a) =
             (0..=n - k).max_by_key(|&a| (all_warm(a), inside(a, &self.seqs), std::cmp::Reverse(a)))
         else {
@@ -458,21 +457,19 @@ impl<'m> Scheduler<'m> {
             .position(|s| s.seq_id < lo || s.seq_id >= hi)
         {
             // Into the least recently used free id of the window.
+            let warm = self.warm_enough();
             let Some(pos) = self
                 .free_ids
                 .iter()
                 .enumerate()
                 .filter(|(_, &id)| id >= lo && id < hi)
-                .min_by_key(|(_, &id)| self.victim_order(id))
+                .min_by_key(|(_, &id)| self.victim_order(id, warm))
                 .map(|(p, _)| p)
             else {
                 return;
             };
             let new = self.free_ids.swap_remove(pos);
-            if !self.slots[new as usize].touched {
-                tracing::debug!(new, running = k, "new KV stream in use (move)");
-                self.slots[new as usize].touched = true;
-            }
+            self.touch(new);
             let old = self.seqs[i].seq_id;
             let empty = self.seqs[i].leader.is_some()
                 || self.seqs[i].wait.is_some()
@@ -519,26 +516,40 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
-    /// how many of the prompt's tokens are already computed in it.
-    /// Which free stream to overwrite first (the smallest): the least recently used, except
-    /// that once [`MIN_WARM_SLOTS`] streams are warm, a stream never used comes last.
-    fn victim_order(&self, id: i32) -> (bool, u64, i32) {
-        let slot = &self.slots[id as usize];
-        let warm = self.slots.iter().filter(|s| s.touched).count();
-        (!slot.touched && warm >= MIN_WARM_SLOTS, slot.used, id)
+    /// Whether enough streams are warm that a stream never used should come last.
+    fn warm_enough(&self) -> bool {
+        self.slots.iter().filter(|s| s.touched).count() >= MIN_WARM_SLOTS
     }
 
+    /// Which free stream to overwrite first (the smallest): the least recently used, except
+    /// that once enough streams are warm (`warm_enough`), a stream never used comes last.
+    fn victim_order(&self, id: i32, warm_enough: bool) -> (bool, u64, i32) {
+        let slot = &self.slots[id as usize];
+        (!slot.touched && warm_enough, slot.used, id)
+    }
+
+    /// Marks a stream as used by a sequence (its memory becomes resident).
+    fn touch(&mut self, id: i32) {
+        let slot = &mut self.slots[id as usize];
+        if !slot.touched {
+            tracing::debug!(id, running = self.seqs.len(), "new KV stream in use");
+            slot.touched = true;
+        }
+    }
+
+    /// Takes a free sequence id for a prompt, reusing what the KV streams hold; returns it and
+    /// how many of the prompt's tokens are already computed in it.
     fn take_slot(&mut self, prompt: &[u32]) -> Option<Taken> {
         if self.free_ids.is_empty() {
             return None;
         }
         // The least recently used free slot: the one to overwrite.
+        let warm = self.warm_enough();
         let lru = self
             .free_ids
             .iter()
             .enumerate()
-            .min_by_key(|(_, id)| self.victim_order(**id))
+            .min_by_key(|(_, id)| self.victim_order(**id, warm))
             .map(|(i, _)| i)?;
         if !self.prefix_cache || prompt.is_empty() {
             let id = self.free_ids.swap_remove(lru);
@@ -687,10 +698,7 @@ impl<'m> Scheduler<'m> {
                 let Some((seq_id, reused, wait)) = self.take_slot(prompt) else {
                     break;
                 };
-                if !self.slots[seq_id as usize].touched {
-                    tracing::debug!(seq_id, running = self.seqs.len(), "new KV stream in use");
-                    self.slots[seq_id as usize].touched = true;
-                }
+                self.touch(seq_id);
                 if leader.is_none() {
                     cached = wait.map_or(reused, |(_, len)| len);
                 }

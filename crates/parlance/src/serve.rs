@@ -129,6 +129,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(p) => config::load(p)?,
         None => FileConfig::default(),
     };
+    // Checked before any model loads: a bad filter stops the server at once.
+    let filters = parlance_platform::Filters::new(&file.filters)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?;
     init_tracing(
         args.log_format
             .as_deref()
@@ -299,8 +302,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication");
         }
-        let filters = parlance_platform::Filters::new(&file.filters)
-            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         let platform =
             Platform::new(catalog, Arc::new(keys), store, limiter).with_filters(filters);
         let mut state = AppState::new(platform.clone()).with_admin_token(admin_token.as_deref());

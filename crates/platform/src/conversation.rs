@@ -163,7 +163,13 @@ async fn run(mut d: Drive, first: Events, tx: mpsc::Sender<ChatEvent>) {
             tags.parent_id = Some(d.meta.request_id.clone());
             match d
                 .platform
-                .chat_once(&d.principal, &d.request, tags, step_request_id.clone())
+                .chat_once(
+                    &d.principal,
+                    &d.request,
+                    &d.platform.filters_for(&d.ctx),
+                    tags,
+                    step_request_id.clone(),
+                )
                 .await
             {
                 Ok(s) => stream = s.stream.events,

@@ -172,16 +172,25 @@ impl Filters {
     }
 
     /// Checks a request's messages: a blocking filter's match is a 400
-    /// `content_policy_violation`; redacting filters rewrite the text in place. Returns the
-    /// number of matches (filter hits).
-    pub fn check_input(&self, request: &mut ChatRequest) -> Result<u32, ApiError> {
+    /// `content_policy_violation`. Returns the number of matches (filter hits) and, when a
+    /// redacting filter matched, the request with those matches replaced (the request is
+    /// copied only then).
+    pub fn check_input(
+        &self,
+        request: &ChatRequest,
+    ) -> Result<(u32, Option<ChatRequest>), ApiError> {
         let mut hits = 0;
-        for (i, m) in request.messages.iter_mut().enumerate() {
-            let Some(text) = m.content.as_mut() else {
+        let mut redacted: Option<ChatRequest> = None;
+        for (i, m) in request.messages.iter().enumerate() {
+            let Some(original) = m.content.as_deref() else {
                 continue;
             };
             for r in self.rules.iter().filter(|r| r.input) {
-                let found = matches(r, text);
+                let current = match &redacted {
+                    Some(c) => c.messages[i].content.as_deref().unwrap_or(original),
+                    None => original,
+                };
+                let found = matches(r, current);
                 if found.is_empty() {
                     continue;
                 }
@@ -196,18 +205,18 @@ impl Filters {
                     });
                 }
                 hits += found.len() as u32;
-                let mut out = String::with_capacity(text.len());
+                let mut out = String::with_capacity(current.len());
                 let mut at = 0;
                 for (s, e) in found {
-                    out.push_str(&text[at..s]);
+                    out.push_str(&current[at..s]);
                     out.push_str(&r.replacement);
                     at = e;
                 }
-                out.push_str(&text[at..]);
-                *text = out;
+                out.push_str(&current[at..]);
+                redacted.get_or_insert_with(|| request.clone()).messages[i].content = Some(out);
             }
         }
-        Ok(hits)
+        Ok((hits, redacted))
     }
 
     /// The state that filters one choice's output as it streams.
@@ -601,14 +610,11 @@ impl Stream for FilteredEvents {
                         } else {
                             self.prompt_tokens
                         };
-                        let mut u = Usage {
-                            prompt_tokens: prompt,
-                            completion_tokens: t.completion_tokens,
-                            total_tokens: prompt + t.completion_tokens,
-                            ..Usage::default()
-                        };
-                        u.prompt_tokens_details.cached_tokens = t.cached_tokens;
-                        self.queue.push_back(ChatEvent::Usage(u));
+                        self.queue.push_back(ChatEvent::Usage(Usage::new(
+                            prompt,
+                            t.cached_tokens,
+                            t.completion_tokens,
+                        )));
                         continue;
                     }
                 }
@@ -725,19 +731,21 @@ mod tests {
         let mut block = spec("phone", "phone", "block");
         block.applies_to = Some("input".into());
         let f = Filters::new(&[block]).unwrap();
-        let mut r = parlance_api::chat::parse_chat_request(
+        let r = parlance_api::chat::parse_chat_request(
             br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"user","content":"call +1 415 555 0100"}]}"#,
         )
         .unwrap();
-        let e = f.check_input(&mut r).unwrap_err();
+        let e = f.check_input(&r).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("messages[1].content"));
         assert_eq!(e.code(), Some("content_policy_violation"));
         let f = redactors();
-        let mut r = parlance_api::chat::parse_chat_request(
+        let r = parlance_api::chat::parse_chat_request(
             br#"{"model":"m","messages":[{"role":"user","content":"mail bob@x.org or zebra"}]}"#,
         )
         .unwrap();
-        assert_eq!(f.check_input(&mut r).unwrap(), 2);
+        let (hits, r) = f.check_input(&r).unwrap();
+        let r = r.unwrap();
+        assert_eq!(hits, 2);
         assert_eq!(
             r.messages[0].content.as_deref(),
             Some("mail [EMAIL] or [TERM]")

@@ -11,7 +11,6 @@ mod auth;
 mod catalog;
 mod conversation;
 mod filter;
-use filter::FilteredEvents;
 mod httptool;
 pub mod ids;
 mod meter;
@@ -25,6 +24,7 @@ pub use apps_api::{CompletionList, FeedbackInput};
 pub use assemble::{Assembly, ChoiceOutput, ResponseMeta};
 pub use auth::{hash_secret, Authenticator, Keys, Principal, StaticKeys, KEY_CACHE_TTL};
 pub use catalog::{Catalog, CatalogEntry};
+use filter::FilteredEvents;
 pub use filter::{FilterSpec, Filters};
 pub use pricing::Price;
 pub use projects::{
@@ -186,6 +186,14 @@ impl Platform {
         self
     }
 
+    /// The server's content filters, then those of the request's project.
+    pub(crate) fn filters_for(&self, ctx: &resolve::AppContext) -> Filters {
+        match &ctx.project {
+            Some(p) => self.filters.merged(&p.filters),
+            None => self.filters.clone(),
+        }
+    }
+
     /// Resolves the project, campaign, session and model, prepares the request, checks the
     /// key's limits, reserves the worst-case cost, and starts the completion. Refusals come
     /// back as errors (400, 402, 404, 429, 503) before any model work is done.
@@ -206,7 +214,13 @@ impl Platform {
             tags: resolved.app.tags.clone(),
         };
         let mut started = self
-            .chat_once(principal, &resolved, tags.clone(), request_id.clone())
+            .chat_once(
+                principal,
+                &resolved,
+                &self.filters_for(&ctx),
+                tags.clone(),
+                request_id.clone(),
+            )
             .await?;
         started.model = ctx.response_model.clone();
         started.session_id = ctx.session.as_ref().map(|s| s.0.clone());
@@ -243,11 +257,12 @@ impl Platform {
         Ok(started)
     }
 
-    /// One provider call of a request: prepare, limit, reserve, start, meter.
+    /// One provider call of a request: filter, prepare, limit, reserve, start, meter.
     pub(crate) async fn chat_once(
         &self,
         principal: &Principal,
         request: &ChatRequest,
+        filters: &Filters,
         tags: UsageTags,
         request_id: String,
     ) -> Result<Started, ApiError> {
@@ -294,35 +309,20 @@ impl Platform {
         }
         // Content filters on what the caller sent: a block refuses before any work (recorded,
         // not billed); redaction rewrites the messages the model sees.
-        let filters = match tags.project_id.as_deref() {
-            Some(id) => match self.apps.project(id).await {
-                Ok(Some(p)) => self.filters.merged(&p.filters),
-                _ => self.filters.clone(),
-            },
-            None => self.filters.clone(),
-        };
-        let filtered;
-        let mut input_hits = 0;
-        let request = if filters.is_empty() {
-            request
-        } else {
-            let mut r = request.clone();
-            match filters.check_input(&mut r) {
-                Ok(hits) => input_hits = hits,
-                Err(e) => {
-                    if let Some(t) = self.meter.ticket(closing(0, tags)) {
-                        t.update(|c| {
-                            c.filter_hits = 1;
-                            c.status = 400;
-                        });
-                        meter::refused(t, &e);
-                    }
-                    return Err(e);
+        let (input_hits, redacted) = match filters.check_input(request) {
+            Ok(checked) => checked,
+            Err(e) => {
+                if let Some(t) = self.meter.ticket(closing(0, tags)) {
+                    t.update(|c| {
+                        c.filter_hits = 1;
+                        c.status = 400;
+                    });
+                    meter::refused(t, &e);
                 }
+                return Err(e);
             }
-            filtered = r;
-            &filtered
         };
+        let request = redacted.as_ref().unwrap_or(request);
         let prepared = entry.provider.prepare(request).await?;
         let prompt_tokens = prepared.prompt_tokens();
         let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
@@ -398,7 +398,7 @@ impl Platform {
         // Output filters see the events first; when they stop a choice they need what the
         // work used, so the tally goes to them as well as to the watcher.
         let mut filter_tally = None;
-        if FilteredEvents::needed(&filters) {
+        if FilteredEvents::needed(filters) {
             if let Some(rx) = stream.tally.take() {
                 let (to_watcher, watcher_rx) = tokio::sync::oneshot::channel();
                 let (to_filter, filter_rx) = tokio::sync::oneshot::channel();
@@ -415,7 +415,7 @@ impl Platform {
             let events = std::mem::replace(&mut stream.events, Box::pin(futures::stream::empty()));
             stream.events = Box::pin(FilteredEvents::new(
                 events,
-                &filters,
+                filters,
                 request.n,
                 filter_tally,
                 prompt_tokens,
