@@ -15,6 +15,20 @@ pub struct ModelObject {
     pub owned_by: String,
     /// Longest prompt plus completion one request may use (additive field).
     pub context_length: u32,
+    /// What it costs (additive field): micro-units per million tokens.
+    pub pricing: ModelPricing,
+}
+
+/// A model's prices in micro-units (millionths of the operator's currency) per million tokens;
+/// all zero for a free model.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ModelPricing {
+    /// Prompt tokens computed.
+    pub prompt: i64,
+    /// Prompt tokens reused from the prefix cache.
+    pub cached_prompt: i64,
+    /// Completion tokens.
+    pub completion: i64,
 }
 
 /// The list.

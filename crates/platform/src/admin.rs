@@ -134,4 +134,19 @@ impl Platform {
             other => store_error(other),
         })
     }
+
+    /// The newest usage records matching `query` (this replica's waiting records are written
+    /// first), newest first.
+    pub async fn recent_usage(
+        &self,
+        query: &UsageQuery,
+        status: parlance_store::StatusFilter,
+        limit: i64,
+    ) -> Result<Vec<parlance_store::UsageRecord>, ApiError> {
+        self.flush_usage().await;
+        self.store
+            .recent_usage(query, status, limit)
+            .await
+            .map_err(store_error)
+    }
 }

@@ -59,6 +59,11 @@ impl Catalog {
         !self.entries.is_empty() && self.entries.values().all(|e| e.provider.ready())
     }
 
+    /// Every entry, by name.
+    pub fn entries(&self) -> impl Iterator<Item = &CatalogEntry> {
+        self.entries.values()
+    }
+
     /// The models as `GET /v1/models` lists them.
     pub fn list(&self) -> Vec<ModelObject> {
         self.entries.values().map(describe).collect()
@@ -77,5 +82,10 @@ fn describe(e: &CatalogEntry) -> ModelObject {
         created: e.created,
         owned_by: format!("parlance-{}", e.provider.kind()),
         context_length: e.provider.context_length(),
+        pricing: parlance_api::models::ModelPricing {
+            prompt: e.price.prompt,
+            cached_prompt: e.price.cached_prompt,
+            completion: e.price.completion,
+        },
     }
 }

@@ -166,12 +166,18 @@ fn seconds(name: &str, v: &str) -> Result<i64, ApiError> {
 }
 
 /// The filters of `/admin/usage` and of a campaign report, from the query string.
-async fn usage_query(
+async fn usage_query(state: &AppState, pairs: &[(String, String)]) -> Result<UsageQuery, Failure> {
+    filtered_query(state, pairs, false).await
+}
+
+/// [`usage_query`], also letting `status` and `limit` through (`extra`) for `/admin/requests`.
+async fn filtered_query(
     state: &AppState,
-    pairs: Vec<(String, String)>,
+    pairs: &[(String, String)],
+    extra: bool,
 ) -> Result<UsageQuery, Failure> {
     let mut q = UsageQuery::default();
-    for (k, v) in pairs {
+    for (k, v) in pairs.iter().cloned() {
         match k.as_str() {
             "model" => q.model = Some(v),
             "key" | "key_id" => q.key_id = Some(v),
@@ -194,6 +200,7 @@ async fn usage_query(
                     return Err(ApiError::invalid("label", "'label' takes NAME:VALUE.").into())
                 }
             },
+            "status" | "limit" if extra => {}
             "since" => q.since = Some(seconds("since", &v)?),
             "until" => q.until = Some(seconds("until", &v)?),
             "group_by" => q.group_by = Some(v),
@@ -214,7 +221,7 @@ pub(crate) async fn usage(
     State(state): State<Arc<AppState>>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<UsageResponse>, Failure> {
-    let q = usage_query(&state, pairs).await?;
+    let q = usage_query(&state, &pairs).await?;
     let data = state.platform.usage(&q).await?;
     Ok(Json(UsageResponse {
         object: "list",
@@ -333,7 +340,7 @@ pub(crate) async fn campaign_report(
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<Value>, Failure> {
-    let q = usage_query(&state, pairs).await?;
+    let q = usage_query(&state, &pairs).await?;
     if q.group_by.is_some() || q.campaign_id.is_some() || q.variant.is_some() {
         return Err(ApiError::invalid(
             "group_by",
@@ -342,4 +349,76 @@ pub(crate) async fn campaign_report(
         .into());
     }
     Ok(Json(state.platform.campaign_report(&id, &q).await?))
+}
+
+/// One request as `/admin/requests` lists it: times in Unix seconds.
+#[derive(Debug, Serialize)]
+pub(crate) struct RequestRow {
+    object: &'static str,
+    #[serde(flatten)]
+    record: parlance_store::UsageRecord,
+}
+
+/// `GET /admin/requests?status=error|NNN&limit=N` plus the filters of `/admin/usage`: the newest
+/// requests first (at most `limit`, default 50, up to 1000). `status=error` lists every status
+/// of 400 or more.
+pub(crate) async fn requests(
+    State(state): State<Arc<AppState>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<Value>, Failure> {
+    let q = filtered_query(&state, &pairs, true).await?;
+    if q.group_by.is_some() {
+        return Err(ApiError::invalid(
+            "group_by",
+            "'/admin/requests' lists requests; group them with '/admin/usage'.",
+        )
+        .into());
+    }
+    let mut status = parlance_store::StatusFilter::Any;
+    let mut limit = 50;
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "status" => {
+                status = match v.as_str() {
+                    "error" | "errors" => parlance_store::StatusFilter::Errors,
+                    s => match s.parse::<i64>() {
+                        Ok(n) if (100..600).contains(&n) => parlance_store::StatusFilter::Exactly(n),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                "status",
+                                "'status' takes `error` (every status of 400 or more) or an HTTP status code.",
+                            )
+                            .into())
+                        }
+                    },
+                }
+            }
+            "limit" => {
+                limit = match v.parse::<i64>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "limit",
+                            "'limit' must be an integer from 1 to 1000.",
+                        )
+                        .into())
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let rows = state.platform.recent_usage(&q, status, limit).await?;
+    let data = rows
+        .into_iter()
+        .map(|mut record| {
+            record.created_at /= 1000;
+            serde_json::to_value(RequestRow {
+                object: "request",
+                record,
+            })
+            .unwrap_or(Value::Null)
+        })
+        .collect();
+    Ok(list(data))
 }

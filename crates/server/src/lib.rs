@@ -8,6 +8,7 @@ mod chat;
 mod error;
 mod middleware;
 mod models;
+mod ui;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -121,6 +122,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/keys", get(admin::keys).post(admin::create_key))
         .route("/admin/keys/{id}", delete(admin::revoke_key))
         .route("/admin/usage", get(admin::usage))
+        .route("/admin/requests", get(admin::requests))
         .route(
             "/admin/projects",
             get(admin::projects).post(admin::create_project),
@@ -149,6 +151,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             middleware::admin,
         ));
     Router::new()
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::root))
+        .route("/ui/", get(ui::playground))
+        .route("/ui/dashboard", get(ui::dashboard))
+        .route("/ui/{name}", get(ui::asset))
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
         .merge(api)

@@ -20,7 +20,7 @@ pub use apps::{
 };
 pub use db::{Account, Backend, KeyRecord, Reserve, Settlement, Store, StoreError};
 pub use limits::{Admit, LimitState, Limiter, Limits, Refusal};
-pub use usage::{UsageGroup, UsageQuery, UsageRecord};
+pub use usage::{StatusFilter, UsageGroup, UsageQuery, UsageRecord};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

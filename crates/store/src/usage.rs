@@ -253,6 +253,68 @@ fn civil(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Adds a text argument, returning its placeholder (`$n`).
+fn text_arg(v: &str, args: &mut Vec<Option<String>>) -> String {
+    args.push(Some(v.to_owned()));
+    format!("${}", args.len())
+}
+
+/// The WHERE conditions of a usage query. Text arguments are added to `args` ($1…); the integer
+/// arguments returned are numbered after every text argument.
+fn filters(q: &UsageQuery, args: &mut Vec<Option<String>>) -> (Vec<String>, Vec<i64>) {
+    let mut wheres: Vec<String> = Vec::new();
+    let mut ints: Vec<i64> = Vec::new();
+    for (col, v) in [
+        ("u.key_id", &q.key_id),
+        ("u.account_id", &q.account_id),
+        ("u.model", &q.model),
+        ("u.user_id", &q.user),
+        ("u.project_id", &q.project_id),
+        ("u.campaign_id", &q.campaign_id),
+        ("u.variant", &q.variant),
+        ("u.session_id", &q.session_id),
+    ] {
+        if let Some(v) = v {
+            let p = text_arg(v, args);
+            wheres.push(format!("{col} = {p}"));
+        }
+    }
+    for (name, value) in &q.labels {
+        let a = text_arg(name, args);
+        let b = text_arg(value, args);
+        wheres.push(format!(
+            "EXISTS (SELECT 1 FROM usage_labels f WHERE f.request_id = u.request_id AND f.name = {a} AND f.value = {b})"
+        ));
+    }
+    if let Some(tag) = &q.tag {
+        let p = text_arg(tag, args);
+        wheres.push(format!(
+            "EXISTS (SELECT 1 FROM usage_tags h WHERE h.request_id = u.request_id AND h.tag = {p})"
+        ));
+    }
+    let base = args.len();
+    if let Some(s) = q.since {
+        ints.push(s);
+        wheres.push(format!("u.created_at >= ${}", base + ints.len()));
+    }
+    if let Some(s) = q.until {
+        ints.push(s);
+        wheres.push(format!("u.created_at < ${}", base + ints.len()));
+    }
+    (wheres, ints)
+}
+
+/// Which records `Store::recent_usage` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Every record.
+    Any,
+    /// Records whose status is 400 or more.
+    Errors,
+    /// Records with this status.
+    Exactly(i64),
+}
+
 impl Store {
     /// Writes records in one transaction; a record already written (same request id) is kept.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
@@ -262,13 +324,6 @@ impl Store {
     /// Aggregates usage records, grouped as asked (largest cost first), or one total.
     pub async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageGroup>, StoreError> {
         let mut args: Vec<Option<String>> = Vec::new();
-        let mut ints: Vec<i64> = Vec::new();
-        let mut wheres: Vec<String> = Vec::new();
-        // Text arguments come first ($1…), integers after them.
-        let text = |v: &str, args: &mut Vec<Option<String>>| {
-            args.push(Some(v.to_owned()));
-            format!("${}", args.len())
-        };
         let mut join = String::new();
         let group_expr = match q.group_by.as_deref() {
             None => None,
@@ -281,6 +336,7 @@ impl Store {
             Some("status") => Some("CAST(u.status AS TEXT)".to_owned()),
             Some("day") => Some("CAST(u.created_at / 86400000 AS TEXT)".to_owned()),
             Some("hour") => Some("CAST(u.created_at / 3600000 AS TEXT)".to_owned()),
+            Some("minute") => Some("CAST(u.created_at / 60000 AS TEXT)".to_owned()),
             Some("project") => Some("u.project_id".to_owned()),
             Some("campaign") => Some("u.campaign_id".to_owned()),
             Some("variant") => Some("u.variant".to_owned()),
@@ -291,7 +347,7 @@ impl Store {
             }
             Some(other) => match other.strip_prefix("label:") {
                 Some(name) if !name.is_empty() => {
-                    let p = text(name, &mut args);
+                    let p = text_arg(name, &mut args);
                     join = format!(
                         " LEFT JOIN usage_labels g ON g.request_id = u.request_id AND g.name = {p}"
                     );
@@ -299,48 +355,12 @@ impl Store {
                 }
                 _ => {
                     return Err(StoreError::Invalid(format!(
-                        "group_by must be one of model, key, account, user, provider, status, outcome, day, hour, project, campaign, variant, session, tag, label:NAME; not {other:?}"
+                        "group_by must be one of model, key, account, user, provider, status, outcome, day, hour, minute, project, campaign, variant, session, tag, label:NAME; not {other:?}"
                     )))
                 }
             },
         };
-        for (col, v) in [
-            ("u.key_id", &q.key_id),
-            ("u.account_id", &q.account_id),
-            ("u.model", &q.model),
-            ("u.user_id", &q.user),
-            ("u.project_id", &q.project_id),
-            ("u.campaign_id", &q.campaign_id),
-            ("u.variant", &q.variant),
-            ("u.session_id", &q.session_id),
-        ] {
-            if let Some(v) = v {
-                let p = text(v, &mut args);
-                wheres.push(format!("{col} = {p}"));
-            }
-        }
-        for (name, value) in &q.labels {
-            let a = text(name, &mut args);
-            let b = text(value, &mut args);
-            wheres.push(format!(
-                "EXISTS (SELECT 1 FROM usage_labels f WHERE f.request_id = u.request_id AND f.name = {a} AND f.value = {b})"
-            ));
-        }
-        if let Some(tag) = &q.tag {
-            let p = text(tag, &mut args);
-            wheres.push(format!(
-                "EXISTS (SELECT 1 FROM usage_tags h WHERE h.request_id = u.request_id AND h.tag = {p})"
-            ));
-        }
-        let base = args.len();
-        if let Some(s) = q.since {
-            ints.push(s);
-            wheres.push(format!("u.created_at >= ${}", base + ints.len()));
-        }
-        if let Some(s) = q.until {
-            ints.push(s);
-            wheres.push(format!("u.created_at < ${}", base + ints.len()));
-        }
+        let (wheres, ints) = filters(q, &mut args);
         let select_group = group_expr
             .as_deref()
             .map_or("CAST(NULL AS TEXT)".to_owned(), |g| g.to_owned());
@@ -363,6 +383,7 @@ impl Store {
         let rows = query.fetch_all(&self.pool).await?;
         let day = q.group_by.as_deref() == Some("day");
         let hour = q.group_by.as_deref() == Some("hour");
+        let minute = q.group_by.as_deref() == Some("minute");
         rows.iter()
             .map(|r| {
                 let mut group: Option<String> = r.try_get("grp")?;
@@ -371,6 +392,13 @@ impl Store {
                         group = Some(civil(n));
                     } else if hour {
                         group = Some(format!("{}T{:02}:00Z", civil(n / 24), n % 24));
+                    } else if minute {
+                        group = Some(format!(
+                            "{}T{:02}:{:02}Z",
+                            civil(n / 1440),
+                            n / 60 % 24,
+                            n % 60
+                        ));
                     }
                 }
                 Ok(UsageGroup {
@@ -383,6 +411,84 @@ impl Store {
                     cost: r.try_get("cost")?,
                     avg_latency_ms: r.try_get("avg_latency_ms")?,
                     avg_ttft_ms: r.try_get("avg_ttft_ms")?,
+                    filter_hits: r.try_get("filter_hits")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}
+
+impl Store {
+    /// The newest records matching the query's filters (its `group_by` is ignored), newest first:
+    /// at most `limit` (1–1000).
+    pub async fn recent_usage(
+        &self,
+        q: &UsageQuery,
+        status: StatusFilter,
+        limit: i64,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let mut args: Vec<Option<String>> = Vec::new();
+        let (mut wheres, mut ints) = filters(q, &mut args);
+        let base = args.len();
+        match status {
+            StatusFilter::Any => {}
+            StatusFilter::Errors => wheres.push("u.status >= 400".to_owned()),
+            StatusFilter::Exactly(s) => {
+                ints.push(s);
+                wheres.push(format!("u.status = ${}", base + ints.len()));
+            }
+        }
+        ints.push(limit.clamp(1, 1000));
+        let limit_arg = base + ints.len();
+        let mut sql = "SELECT u.request_id, u.created_at, u.key_id, u.account_id, u.model, \
+             u.provider, u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cost, \
+             u.latency_ms, u.ttft_ms, u.status, u.outcome, u.user_id, u.labels, u.project_id, \
+             u.campaign_id, u.variant, u.session_id, u.parent_id, u.tags, u.filter_hits \
+             FROM usage_records u"
+            .to_owned();
+        if !wheres.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&wheres.join(" AND "));
+        }
+        sql.push_str(&format!(
+            " ORDER BY u.created_at DESC, u.request_id DESC LIMIT ${limit_arg}"
+        ));
+        let mut query = sqlx::query(&sql);
+        for a in &args {
+            query = query.bind(a.clone());
+        }
+        for i in &ints {
+            query = query.bind(*i);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let labels: String = r.try_get("labels")?;
+                let tags: String = r.try_get("tags")?;
+                Ok(UsageRecord {
+                    request_id: r.try_get("request_id")?,
+                    created_at: r.try_get("created_at")?,
+                    key_id: r.try_get("key_id")?,
+                    account_id: r.try_get("account_id")?,
+                    model: r.try_get("model")?,
+                    provider: r.try_get("provider")?,
+                    prompt_tokens: r.try_get("prompt_tokens")?,
+                    cached_tokens: r.try_get("cached_tokens")?,
+                    completion_tokens: r.try_get("completion_tokens")?,
+                    cost: r.try_get("cost")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    ttft_ms: r.try_get("ttft_ms")?,
+                    status: r.try_get("status")?,
+                    outcome: r.try_get("outcome")?,
+                    user: r.try_get("user_id")?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    project_id: r.try_get("project_id")?,
+                    campaign_id: r.try_get("campaign_id")?,
+                    variant: r.try_get("variant")?,
+                    session_id: r.try_get("session_id")?,
+                    parent_id: r.try_get("parent_id")?,
+                    tags: serde_json::from_str(&tags).unwrap_or_default(),
                     filter_hits: r.try_get("filter_hits")?,
                 })
             })
