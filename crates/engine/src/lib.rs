@@ -288,6 +288,37 @@ pub(crate) struct Gauges {
     pub hits: std::sync::atomic::AtomicU64,
     /// Set when the engine thread has ended, however it ended (a panic included).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// KV cells holding the sequences in flight, and cells holding cached prefixes on free
+    /// streams.
+    pub live_cells: AtomicUsize,
+    pub cached_cells: AtomicUsize,
+    /// Streams that ever ran a sequence (their memory is resident).
+    pub warm_streams: AtomicUsize,
+}
+
+/// A snapshot of an engine's load, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    /// Requests waiting for a sequence.
+    pub queued: u64,
+    /// Sequences being decoded.
+    pub running: u64,
+    /// Sequences it may run at once (KV streams).
+    pub max_sequences: u64,
+    /// KV cells in all: streams × context length.
+    pub kv_cells: u64,
+    /// KV cells holding the sequences in flight.
+    pub kv_cells_live: u64,
+    /// KV cells holding cached prefixes on free streams.
+    pub kv_cells_cached: u64,
+    /// Streams whose memory is resident.
+    pub warm_streams: u64,
+    /// Admitted requests, and of those, the ones with part of the prompt reused.
+    pub prefix_lookups: u64,
+    pub prefix_hits: u64,
+    /// Prompt tokens of admitted requests, and of those, reused from the prefix cache.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 /// A loaded model and the thread that runs it.
@@ -372,6 +403,26 @@ impl Engine {
     /// Whether the engine thread is still running (it is not after a fault).
     pub fn is_alive(&self) -> bool {
         !self.gauges.stopped.load(Ordering::Acquire)
+    }
+
+    /// Load and prefix-cache figures, read without locking.
+    pub fn stats(&self) -> LoadStats {
+        let g = &self.gauges;
+        let n = |v: usize| v as u64;
+        let info = &self.model.info;
+        LoadStats {
+            queued: n(g.queued.load(Ordering::Relaxed)),
+            running: n(g.running.load(Ordering::Relaxed)),
+            max_sequences: u64::from(info.max_sequences),
+            kv_cells: u64::from(info.max_sequences) * u64::from(info.context_length),
+            kv_cells_live: n(g.live_cells.load(Ordering::Relaxed)),
+            kv_cells_cached: n(g.cached_cells.load(Ordering::Relaxed)),
+            warm_streams: n(g.warm_streams.load(Ordering::Relaxed)),
+            prefix_lookups: g.lookups.load(Ordering::Relaxed),
+            prefix_hits: g.hits.load(Ordering::Relaxed),
+            prompt_tokens: g.prompt_tokens.load(Ordering::Relaxed),
+            cached_tokens: g.cached_tokens.load(Ordering::Relaxed),
+        }
     }
 
     /// Sequences being decoded.

@@ -260,6 +260,7 @@ impl<'m> Scheduler<'m> {
         loop {
             // 1. Commands: wait when idle, otherwise just look.
             if self.seqs.is_empty() && self.waiting.is_empty() {
+                self.publish();
                 match rx.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -283,9 +284,7 @@ impl<'m> Scheduler<'m> {
             self.drop_cancelled();
             self.admit();
             self.compact();
-            self.gauges
-                .running
-                .store(self.seqs.len(), Ordering::Relaxed);
+            self.publish();
             if self.seqs.is_empty() {
                 continue;
             }
@@ -294,6 +293,24 @@ impl<'m> Scheduler<'m> {
                 self.fail_all(&message);
             }
         }
+    }
+
+    /// Publishes the load figures the metrics read.
+    fn publish(&self) {
+        let g = &self.gauges;
+        g.running.store(self.seqs.len(), Ordering::Relaxed);
+        let live: usize = self.seqs.iter().map(|s| s.n_past).sum();
+        let cached: usize = self
+            .free_ids
+            .iter()
+            .map(|&id| self.slots[id as usize].tokens.len())
+            .sum();
+        g.live_cells.store(live, Ordering::Relaxed);
+        g.cached_cells.store(cached, Ordering::Relaxed);
+        g.warm_streams.store(
+            self.slots.iter().filter(|s| s.touched).count(),
+            Ordering::Relaxed,
+        );
     }
 
     fn handle(&mut self, cmd: Command) -> bool {

@@ -728,3 +728,164 @@ async fn reused_prompt_tokens_are_billed_at_the_cached_price() {
                 .unwrap()
     );
 }
+
+/// Every sample of a Prometheus scrape: `name{labels}` → value.
+async fn scrape(s: &Server) -> (String, std::collections::HashMap<String, f64>) {
+    let r = client().get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse::<f64>().ok()?))
+        })
+        .collect();
+    (text, samples)
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic() {
+    let s = priced_server(&["--prefix-cache-on"]);
+    let (_, key) = funded_key(&s, "metered", 1_000_000, json!({"rpm": 3})).await;
+    let (mut prompt, mut completion) = (0.0, 0.0);
+    for i in 0..2 {
+        let (st, _, v) = chat_as(&s, &key, &exact(4, &format!("Count to {i}"))).await;
+        assert_eq!(st, 200, "{v}");
+        prompt += v["usage"]["prompt_tokens"].as_f64().unwrap();
+        completion += v["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    let mut body = exact(5, "Count to ten");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let data = common::sse_data(&r.text().await.unwrap());
+    let usage: Value = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap()["usage"]
+        .clone();
+    prompt += usage["prompt_tokens"].as_f64().unwrap();
+    completion += usage["completion_tokens"].as_f64().unwrap();
+    assert_eq!(completion, 13.0);
+    // The fourth request in the minute is over the key's limit; a wrong key and an unknown
+    // route are counted by the HTTP metrics only.
+    let (st, _, _) = chat_as(&s, &key, &exact(4, "One more")).await;
+    assert_eq!(st, 429);
+    let (st, _, _) = chat_as(&s, "sk-wrong", &exact(4, "Hello")).await;
+    assert_eq!(st, 401);
+    assert_eq!(common::get_status(&s, "/no/such/route").await, 404);
+    // What was charged, from the ledger's side (this also writes the waiting usage records).
+    let (st, usage) = admin(&s, "GET", "/admin/usage", None).await;
+    assert_eq!(st, 200);
+    let charged = usage["data"][0]["cost"].as_f64().unwrap();
+    assert!(charged > 0.0);
+
+    let (text, m) = scrape(&s).await;
+    let get = |series: &str| {
+        m.get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    let chat = "route=\"/v1/chat/completions\",method=\"POST\"";
+    assert_eq!(
+        get(&format!(
+            "parlance_http_requests_total{{{chat},status=\"200\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_http_requests_total{{{chat},status=\"429\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_http_requests_total{{{chat},status=\"401\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        get("parlance_http_requests_total{route=\"unmatched\",method=\"GET\",status=\"404\"}"),
+        1.0
+    );
+    let model = format!("model=\"{MODEL}\",provider=\"local\"");
+    assert_eq!(
+        get(&format!(
+            "parlance_requests_total{{{model},status=\"200\",outcome=\"completed\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_requests_total{{{model},status=\"429\",outcome=\"refused\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_refusals_total{{model=\"{MODEL}\",reason=\"rate_limited\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!("parlance_prompt_tokens_total{{{model}}}")),
+        prompt
+    );
+    assert_eq!(
+        get(&format!("parlance_completion_tokens_total{{{model}}}")),
+        completion
+    );
+    assert_eq!(
+        get(&format!("parlance_credits_spent_micros_total{{{model}}}")),
+        charged
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_time_to_first_token_seconds_count{{{model}}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_request_duration_seconds_count{{{model}}}"
+        )),
+        3.0
+    );
+    // Every token after the first of each answer is one inter-token gap at most.
+    let gaps = get(&format!(
+        "parlance_inter_token_latency_seconds_count{{{model}}}"
+    ));
+    assert!(gaps >= 3.0 && gaps <= completion - 3.0, "{gaps} gaps");
+    // The engine's side: three admissions, nothing left running or waiting.
+    let local = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        get(&format!("parlance_prefix_cache_lookups_total{{{local}}}")),
+        3.0
+    );
+    assert_eq!(
+        get(&format!(
+            "parlance_prefix_cache_prompt_tokens_total{{{local}}}"
+        )),
+        prompt
+    );
+    assert_eq!(get(&format!("parlance_queue_depth{{{local}}}")), 0.0);
+    assert_eq!(get(&format!("parlance_running_sequences{{{local}}}")), 0.0);
+    assert_eq!(
+        get(&format!("parlance_kv_cache_cells_live{{{local}}}")),
+        0.0
+    );
+    assert!(get(&format!("parlance_kv_cache_cells_cached{{{local}}}")) > 0.0);
+    // No secret and no caller-chosen text becomes a label.
+    assert!(!text.contains(&key) && !text.contains("sk-wrong") && !text.contains("/no/such"));
+}

@@ -393,6 +393,46 @@ async fn a_failing_deployment_is_skipped_once_its_breaker_opens() {
         "an open breaker still sent traffic"
     );
     assert_eq!(hits(&seen, "ok"), 8);
+    // The same story in the metrics: six failed attempts (three retries) and an open breaker on
+    // the failing deployment; the other served three requests as a fall-back, then five first.
+    let text = client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str, deployment: &str| -> f64 {
+        let series =
+            format!("{name}{{model=\"a\",deployment=\"{deployment}\",provider=\"openai\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        sample("parlance_upstream_attempts_total", "mock/fail500"),
+        6.0
+    );
+    assert_eq!(
+        sample("parlance_upstream_errors_total", "mock/fail500"),
+        6.0
+    );
+    assert_eq!(
+        sample("parlance_upstream_retries_total", "mock/fail500"),
+        3.0
+    );
+    assert_eq!(sample("parlance_circuit_breaker_open", "mock/fail500"), 1.0);
+    assert_eq!(sample("parlance_upstream_attempts_total", "mock/ok"), 8.0);
+    assert_eq!(sample("parlance_upstream_errors_total", "mock/ok"), 0.0);
+    assert_eq!(sample("parlance_upstream_fallbacks_total", "mock/ok"), 3.0);
+    assert_eq!(sample("parlance_circuit_breaker_open", "mock/ok"), 0.0);
+    assert!(
+        !text.contains(UPSTREAM_KEY),
+        "an upstream key reached the metrics"
+    );
 }
 
 #[tokio::test]

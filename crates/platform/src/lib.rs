@@ -14,6 +14,7 @@ mod filter;
 mod httptool;
 pub mod ids;
 mod meter;
+mod metrics;
 mod pricing;
 mod projects;
 mod prompt;
@@ -26,6 +27,7 @@ pub use auth::{hash_secret, Authenticator, Keys, Principal, StaticKeys, KEY_CACH
 pub use catalog::{Catalog, CatalogEntry};
 use filter::FilteredEvents;
 pub use filter::{FilterSpec, Filters};
+pub use metrics::Metrics;
 pub use pricing::Price;
 pub use projects::{
     CampaignSpec, HttpTool, ProjectSpec, ProjectTool, Sticky, Variant, APP_CACHE_TTL,
@@ -51,6 +53,8 @@ pub struct Platform {
     pub store: Store,
     /// Request and token counters.
     pub limiter: Arc<Limiter>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     meter: Arc<Meter>,
     apps: Arc<projects::Apps>,
     /// The client for project tools parlance calls.
@@ -166,13 +170,20 @@ impl Platform {
         limiter: Limiter,
     ) -> Self {
         let limiter = Arc::new(limiter);
-        let meter = Arc::new(Meter::start(store.clone(), limiter.clone()));
+        let catalog = Arc::new(catalog);
+        let metrics = Arc::new(Metrics::new(catalog.clone()));
+        let meter = Arc::new(Meter::start(
+            store.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        ));
         let apps = Arc::new(projects::Apps::new(store.clone()));
         Self {
-            catalog: Arc::new(catalog),
+            catalog,
             auth,
             store,
             limiter,
+            metrics,
             meter,
             apps,
             http: reqwest::Client::new(),
@@ -431,7 +442,8 @@ impl Platform {
                 }
             });
         }
-        stream.events = Box::pin(Metered::new(stream.events, ticket));
+        let itl = self.metrics.inter_token(&entry.name, entry.provider.kind());
+        stream.events = Box::pin(Metered::new(stream.events, ticket, itl));
         Ok(Started {
             stream,
             fingerprint: entry.provider.fingerprint(),

@@ -173,11 +173,11 @@ pub(crate) struct Meter {
 
 impl Meter {
     /// Starts the worker (on the current Tokio runtime).
-    pub(crate) fn start(store: Store, limiter: Arc<Limiter>) -> Self {
+    pub(crate) fn start(store: Store, limiter: Arc<Limiter>, metrics: Arc<crate::Metrics>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let holds = HoldBook::default();
         let replica = format!("replica_{}", uuid::Uuid::now_v7().simple());
-        let worker = tokio::spawn(run(rx, store, limiter, holds.clone(), replica));
+        let worker = tokio::spawn(run(rx, store, limiter, holds.clone(), replica, metrics));
         Self {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
@@ -347,6 +347,7 @@ async fn run(
     limiter: Arc<Limiter>,
     holds: HoldBook,
     replica: String,
+    metrics: Arc<crate::Metrics>,
 ) {
     let mut refunds: JoinSet<()> = JoinSet::new();
     let mut batch = Batch {
@@ -368,6 +369,7 @@ async fn run(
             job = rx.recv() => match job {
                 Some(Job::Close(c)) => {
                     let (settlement, record, refund) = close(*c);
+                    metrics.record(&record);
                     if let Some(s) = &settlement {
                         holds.change(&s.account_id, -s.reserved);
                     }
@@ -420,17 +422,23 @@ pub(crate) struct Metered {
     inner: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
     ticket: Arc<Ticket>,
     done: bool,
+    /// When the last piece of output came, for the inter-token latency.
+    last_output: Option<Instant>,
+    itl: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Metered {
     pub(crate) fn new(
         inner: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
         ticket: Arc<Ticket>,
+        itl: prometheus_client::metrics::histogram::Histogram,
     ) -> Self {
         Self {
             inner,
             ticket,
             done: false,
+            last_output: None,
+            itl,
         }
     }
 }
@@ -446,11 +454,13 @@ impl Stream for Metered {
                 match ev {
                     ChatEvent::Text { .. }
                     | ChatEvent::Reasoning { .. }
-                    | ChatEvent::ToolCallStart { .. } => {
-                        self.ticket.update(|c| {
+                    | ChatEvent::ToolCallStart { .. }
+                    | ChatEvent::ToolCallArgs { .. } => match self.last_output.replace(now) {
+                        Some(last) => self.itl.observe((now - last).as_secs_f64()),
+                        None => self.ticket.update(|c| {
                             c.first_output.get_or_insert(now);
-                        });
-                    }
+                        }),
+                    },
                     ChatEvent::Usage(u) => {
                         let u = *u;
                         self.ticket.update(|c| {
@@ -465,7 +475,7 @@ impl Stream for Metered {
                             c.status = status;
                         });
                     }
-                    ChatEvent::Finish { .. } | ChatEvent::ToolCallArgs { .. } => {}
+                    ChatEvent::Finish { .. } => {}
                 }
             }
             Poll::Ready(None) => {

@@ -121,6 +121,36 @@ impl std::fmt::Debug for ChatStream {
     }
 }
 
+pub use parlance_engine::LoadStats;
+
+/// What a provider reports for metrics at a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderStats {
+    /// A local model's load and prefix-cache figures.
+    pub engine: Option<parlance_engine::LoadStats>,
+    /// Each deployment of a routed model.
+    pub deployments: Vec<DeploymentStats>,
+}
+
+/// One deployment's attempts and breaker, as counted since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeploymentStats {
+    /// Its label (`provider/model`, from the configuration).
+    pub label: String,
+    /// Its provider kind.
+    pub kind: &'static str,
+    /// Whether its circuit breaker is open (traffic kept away).
+    pub breaker_open: bool,
+    /// Attempts made on it.
+    pub attempts: u64,
+    /// Attempts that failed (errors, refusals, missed first-token deadlines).
+    pub errors: u64,
+    /// Retries of it after a failure.
+    pub retries: u64,
+    /// Requests it served after another deployment failed (fall-backs).
+    pub fallbacks: u64,
+}
+
 /// Anything that can complete a chat.
 #[async_trait::async_trait]
 pub trait ChatProvider: Send + Sync {
@@ -137,6 +167,10 @@ pub trait ChatProvider: Send + Sync {
     /// next to nothing.
     fn saturated(&self) -> bool {
         false
+    }
+    /// Figures for metrics (none by default).
+    fn stats(&self) -> ProviderStats {
+        ProviderStats::default()
     }
     /// Checks and measures a request (400s are returned here), without starting it.
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError>;

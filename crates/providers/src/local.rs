@@ -403,6 +403,13 @@ impl ChatProvider for LocalProvider {
         self.engine.is_full()
     }
 
+    fn stats(&self) -> crate::ProviderStats {
+        crate::ProviderStats {
+            engine: Some(self.engine.stats()),
+            deployments: Vec::new(),
+        }
+    }
+
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let engine = self.engine.clone();
         let req = request.clone();

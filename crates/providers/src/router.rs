@@ -31,6 +31,10 @@ pub struct Deployment {
     pub label: String,
     failures: AtomicU32,
     open_until_ms: AtomicU64,
+    attempts: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+    fallbacks: AtomicU64,
 }
 
 impl Deployment {
@@ -42,6 +46,10 @@ impl Deployment {
             label: label.into(),
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
         }
     }
 
@@ -61,6 +69,7 @@ impl Deployment {
     }
 
     fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= BREAKER_FAILURES {
             let until = Self::now_ms() + BREAKER_OPEN.as_millis() as u64;
@@ -182,6 +191,30 @@ impl ChatProvider for Routed {
         self.deployments.iter().any(|d| d.provider.ready())
     }
 
+    fn saturated(&self) -> bool {
+        self.deployments.iter().all(|d| d.provider.saturated())
+    }
+
+    fn stats(&self) -> crate::ProviderStats {
+        let mut out = crate::ProviderStats::default();
+        for d in self.deployments.iter() {
+            let inner = d.provider.stats();
+            if out.engine.is_none() {
+                out.engine = inner.engine;
+            }
+            out.deployments.push(crate::DeploymentStats {
+                label: d.label.clone(),
+                kind: d.provider.kind(),
+                breaker_open: !d.is_closed(),
+                attempts: d.attempts.load(Ordering::Relaxed),
+                errors: d.errors.load(Ordering::Relaxed),
+                retries: d.retries.load(Ordering::Relaxed),
+                fallbacks: d.fallbacks.load(Ordering::Relaxed),
+            });
+        }
+        out
+    }
+
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
         let order = self.order();
         let Some(&first) = order.first() else {
@@ -264,6 +297,7 @@ impl PreparedChat for RoutedPrepared {
                         Err(e) => return Err(e),
                     },
                 };
+                d.attempts.fetch_add(1, Ordering::Relaxed);
                 let began = Instant::now();
                 let started = match ttft {
                     Some(limit) => match tokio::time::timeout(limit, prepared.start()).await {
@@ -295,6 +329,9 @@ impl PreparedChat for RoutedPrepared {
                 match outcome {
                     Ok(stream) => {
                         d.succeeded();
+                        if n > 0 {
+                            d.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        }
                         if n > 0 || attempt > 0 {
                             tracing::info!(deployment = %d.label, attempt, "served after a fall-back or retry");
                         }
@@ -322,8 +359,12 @@ impl PreparedChat for RoutedPrepared {
                             None => tokio::time::sleep(backoff).await,
                         }
                         attempt += 1;
+                        d.retries.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        d.errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(e);
+                    }
                 }
             }
         }

@@ -156,6 +156,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ui/", get(ui::playground))
         .route("/ui/dashboard", get(ui::dashboard))
         .route("/ui/{name}", get(ui::asset))
+        .route("/metrics", get(models::metrics))
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
         .merge(api)
@@ -166,6 +167,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::conventions,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::metrics,
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

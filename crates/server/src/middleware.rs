@@ -42,6 +42,28 @@ pub(crate) async fn request_id(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Counts every request in the metrics by its route pattern (never its raw path).
+pub(crate) async fn metrics(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let began = std::time::Instant::now();
+    let resp = next.run(req).await;
+    state.platform.metrics.http(
+        &route,
+        method.as_str(),
+        resp.status().as_u16(),
+        began.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
 /// Re-renders invalid-value errors as 422 when the operator asked for that convention.
 pub(crate) async fn conventions(
     State(state): State<Arc<AppState>>,

@@ -1,4 +1,4 @@
-//! `GET /v1/models`, `GET /v1/models/{id}`, `/healthz` and `/readyz`.
+//! `GET /v1/models`, `GET /v1/models/{id}`, `/metrics`, `/healthz` and `/readyz`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +26,18 @@ pub(crate) async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, Failure> {
     Ok(Json(state.platform.catalog.get(&id)?))
+}
+
+/// `GET /metrics`: Prometheus' text format.
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.platform.metrics.render(),
+    )
+        .into_response()
 }
 
 pub(crate) async fn healthz() -> Json<serde_json::Value> {
