@@ -25,6 +25,10 @@ pub struct FileConfig {
     pub shutdown_grace_seconds: Option<u64>,
     /// `pretty` or `json`.
     pub log_format: Option<String>,
+    /// OpenTelemetry collector to export traces to (OTLP over HTTP).
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `http/json`.
+    pub otlp_protocol: Option<String>,
     /// Largest request body, in bytes.
     pub body_limit_bytes: Option<usize>,
     /// `sqlite://PATH` or `postgres://…` (default: SQLite in the data directory).

@@ -5,6 +5,7 @@ mod config;
 mod manage;
 mod pull;
 mod serve;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 

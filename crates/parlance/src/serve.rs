@@ -93,21 +93,13 @@ pub struct ServeArgs {
     /// Log format: pretty or json [default: pretty]. Levels come from RUST_LOG.
     #[arg(long, env = "PARLANCE_LOG_FORMAT")]
     log_format: Option<String>,
-}
-
-fn init_tracing(format: &str) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn,llama_cpp_2=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        "json" => builder.json().init(),
-        "pretty" => builder.compact().init(),
-        other => bail!("log format must be `pretty` or `json`, not {other:?}"),
-    }
-    Ok(())
+    /// Export traces to this OpenTelemetry collector (OTLP over HTTP): its base URL, e.g.
+    /// http://127.0.0.1:4318 [default: no export].
+    #[arg(long, env = "PARLANCE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// OTLP encoding: http/protobuf or http/json [default: http/protobuf].
+    #[arg(long, env = "PARLANCE_OTLP_PROTOCOL")]
+    otlp_protocol: Option<String>,
 }
 
 struct ModelSpec {
@@ -132,11 +124,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Checked before any model loads: a bad filter stops the server at once.
     let filters = parlance_platform::Filters::new(&file.filters)
         .map_err(|e| anyhow::anyhow!("config: {e}"))?;
-    init_tracing(
+    let otlp = args
+        .otlp_endpoint
+        .clone()
+        .or(file.otlp_endpoint.clone())
+        .map(|endpoint| crate::telemetry::Otlp {
+            endpoint,
+            protocol: args
+                .otlp_protocol
+                .clone()
+                .or(file.otlp_protocol.clone())
+                .unwrap_or_else(|| "http/protobuf".to_owned()),
+        });
+    let telemetry = crate::telemetry::init(
         args.log_format
             .as_deref()
             .or(file.log_format.as_deref())
             .unwrap_or("pretty"),
+        otlp.as_ref(),
     )?;
     let addr = args
         .addr
@@ -280,7 +285,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let store = Store::open(&database_url)
             .await
             .with_context(|| format!("cannot open the database {}", redact(&database_url)))?;
@@ -344,7 +349,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         platform.shutdown(Duration::from_secs(10)).await;
         tracing::info!("stopped");
         anyhow::Ok(())
-    })
+    });
+    drop(rt);
+    // The spans still waiting go out now that the runtime is gone (the exporter blocks).
+    telemetry.shutdown();
+    served
 }
 
 /// A model served by deployments on upstream providers.

@@ -47,7 +47,7 @@ fn add(a: Usage, b: Usage) -> Usage {
 /// sees. Dropping them stops the driver and cancels the step in progress.
 pub(crate) fn drive(d: Drive, first: Events) -> Events {
     let (tx, rx) = mpsc::channel::<ChatEvent>(64);
-    tokio::spawn(run(d, first, tx));
+    tokio::spawn(tracing::Instrument::in_current_span(run(d, first, tx)));
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (e, rx))
     }))

@@ -36,6 +36,8 @@ pub use projects::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use parlance_api::{ApiError, ChatRequest, RateLimitHeaders};
 use parlance_providers::ChatStream;
 use parlance_store::{Admit, LimitState, Limiter, Refusal, Reserve, Store};
@@ -280,6 +282,16 @@ impl Platform {
         let arrived = Instant::now();
         let created_at = parlance_store::now_ms();
         let entry = self.catalog.resolve(&request.model)?;
+        // The request's span (the caller's) lives until the settlement; admission is its first
+        // child: filters, preparation, rate limits and credit.
+        let request_span = tracing::Span::current();
+        request_span.record("model", entry.name.as_str());
+        let admission = tracing::info_span!(
+            "admission",
+            model = %entry.name,
+            provider = entry.provider.kind(),
+            prompt_tokens = tracing::field::Empty,
+        );
         if !entry.provider.ready() {
             return Err(ApiError::NotReady(format!(
                 "The model `{}` is not ready yet.",
@@ -308,6 +320,7 @@ impl Platform {
             status: 200,
             outcome: "started",
             filter_hits: 0,
+            span: request_span.clone(),
         };
         // A full queue refuses at once, before templating and tokenizing, for callers that no
         // quota could refuse first (a 429 always comes before a 503).
@@ -334,8 +347,13 @@ impl Platform {
             }
         };
         let request = redacted.as_ref().unwrap_or(request);
-        let prepared = entry.provider.prepare(request).await?;
+        let prepared = entry
+            .provider
+            .prepare(request)
+            .instrument(admission.clone())
+            .await?;
         let prompt_tokens = prepared.prompt_tokens();
+        admission.record("prompt_tokens", prompt_tokens);
         let worst_tokens = u64::from(prompt_tokens) + prepared.max_completion_tokens();
         let ticket = self.meter.ticket(closing(prompt_tokens, tags));
         let Some(ticket) = ticket else {
@@ -348,6 +366,7 @@ impl Platform {
             match self
                 .limiter
                 .acquire(key, principal.limits, worst_tokens)
+                .instrument(admission.clone())
                 .await
             {
                 Ok(Admit::Allowed(s)) => {
@@ -376,7 +395,12 @@ impl Platform {
             prepared.max_completion_tokens(),
         );
         if let (Some(account), true) = (&principal.account_id, worst_cost > 0) {
-            match self.store.reserve(account, worst_cost).await {
+            match self
+                .store
+                .reserve(account, worst_cost)
+                .instrument(admission.clone())
+                .await
+            {
                 Ok(Reserve::Reserved) => {
                     self.meter.hold(account, worst_cost);
                     ticket.update(|c| c.reserved = worst_cost);
@@ -398,7 +422,11 @@ impl Platform {
             }
         }
 
-        let mut stream = match prepared.start().await {
+        drop(admission);
+        // From here to the first output; then the attempt that produced it.
+        let first_token = tracing::info_span!("first_token", arrived = false);
+        let attempt = tracing::info_span!("provider_attempt", provider = entry.provider.kind());
+        let mut stream = match prepared.start().instrument(attempt).await {
             Ok(s) => s,
             Err(e) => {
                 meter::refused(ticket, &e);
@@ -443,7 +471,7 @@ impl Platform {
             });
         }
         let itl = self.metrics.inter_token(&entry.name, entry.provider.kind());
-        stream.events = Box::pin(Metered::new(stream.events, ticket, itl));
+        stream.events = Box::pin(Metered::new(stream.events, ticket, itl, first_token));
         Ok(Started {
             stream,
             fingerprint: entry.provider.fingerprint(),

@@ -52,6 +52,8 @@ pub(crate) struct Closing {
     pub outcome: &'static str,
     /// Content-filter matches.
     pub filter_hits: u32,
+    /// The request's trace span: held until the settlement, its last child.
+    pub span: tracing::Span,
 }
 
 impl Closing {
@@ -368,8 +370,22 @@ async fn run(
         tokio::select! {
             job = rx.recv() => match job {
                 Some(Job::Close(c)) => {
+                    // Entered so that the request's span ends with its settlement.
+                    let request_span = c.span.clone();
+                    let in_request = request_span.enter();
+                    let span = tracing::info_span!(
+                        parent: &c.span,
+                        "settlement",
+                        outcome = c.outcome,
+                        status = c.status,
+                        cost = tracing::field::Empty,
+                    );
+                    let entered = span.enter();
                     let (settlement, record, refund) = close(*c);
+                    span.record("cost", record.cost);
                     metrics.record(&record);
+                    drop(entered);
+                    drop(in_request);
                     if let Some(s) = &settlement {
                         holds.change(&s.account_id, -s.reserved);
                     }
@@ -424,6 +440,8 @@ pub(crate) struct Metered {
     done: bool,
     /// When the last piece of output came, for the inter-token latency.
     last_output: Option<Instant>,
+    /// Open until the first output comes.
+    first_token: Option<tracing::Span>,
     itl: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -432,12 +450,14 @@ impl Metered {
         inner: Pin<Box<dyn Stream<Item = ChatEvent> + Send>>,
         ticket: Arc<Ticket>,
         itl: prometheus_client::metrics::histogram::Histogram,
+        first_token: tracing::Span,
     ) -> Self {
         Self {
             inner,
             ticket,
             done: false,
             last_output: None,
+            first_token: Some(first_token),
             itl,
         }
     }
@@ -457,9 +477,15 @@ impl Stream for Metered {
                     | ChatEvent::ToolCallStart { .. }
                     | ChatEvent::ToolCallArgs { .. } => match self.last_output.replace(now) {
                         Some(last) => self.itl.observe((now - last).as_secs_f64()),
-                        None => self.ticket.update(|c| {
-                            c.first_output.get_or_insert(now);
-                        }),
+                        None => {
+                            // The first output is here: its span ends.
+                            if let Some(span) = self.first_token.take() {
+                                span.record("arrived", true);
+                            }
+                            self.ticket.update(|c| {
+                                c.first_output.get_or_insert(now);
+                            });
+                        }
                     },
                     ChatEvent::Usage(u) => {
                         let u = *u;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use parlance_api::{ApiError, ChatRequest};
 use rand::Rng;
+use tracing::Instrument;
 
 use crate::{ChatEvent, ChatProvider, ChatStream, PreparedChat};
 
@@ -298,23 +299,29 @@ impl PreparedChat for RoutedPrepared {
                     },
                 };
                 d.attempts.fetch_add(1, Ordering::Relaxed);
+                let span =
+                    tracing::info_span!("deployment_attempt", deployment = %d.label, attempt);
                 let began = Instant::now();
                 let started = match ttft {
-                    Some(limit) => match tokio::time::timeout(limit, prepared.start()).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::warn!(deployment = %d.label, "no first token before max_ttft_ms; trying the next deployment");
-                            d.failed();
-                            missed_deadline = true;
-                            break;
+                    Some(limit) => {
+                        match tokio::time::timeout(limit, prepared.start().instrument(span.clone()))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::warn!(deployment = %d.label, "no first token before max_ttft_ms; trying the next deployment");
+                                d.failed();
+                                missed_deadline = true;
+                                break;
+                            }
                         }
-                    },
-                    None => prepared.start().await,
+                    }
+                    None => prepared.start().instrument(span.clone()).await,
                 };
                 let outcome = match started {
                     Ok(stream) => {
                         let left = ttft.map(|t| t.saturating_sub(began.elapsed()));
-                        match first_event(stream, left).await {
+                        match first_event(stream, left).instrument(span.clone()).await {
                             Ok(r) => r,
                             Err(()) => {
                                 tracing::warn!(deployment = %d.label, "no first token before max_ttft_ms; trying the next deployment");

@@ -25,10 +25,23 @@ pub(crate) async fn request_id(req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
         .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
-    let span =
-        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    // No header is recorded: the Authorization header and keys never reach logs or traces.
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        route = route.as_deref(),
+        model = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status();
+    span.record("status", status.as_u16());
     span.in_scope(|| {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), "request failed");

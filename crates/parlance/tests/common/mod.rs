@@ -115,7 +115,11 @@ impl Server {
                 .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
                 .expect("server did not say where it listens");
             if let Some(i) = line.find("listening on http://") {
-                let addr = line[i + "listening on http://".len()..].trim().to_owned();
+                // The address ends where the line (or, in JSON logs, the string) does.
+                let addr: String = line[i + "listening on http://".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                    .collect();
                 return Server {
                     child,
                     base: format!("http://{addr}"),
