@@ -8,10 +8,14 @@ use crate::chat::{parse_body, valid_function_name, ChatRequest, Message, Role, T
 use crate::error::ApiError;
 
 /// The body as it arrives; unknown fields are ignored.
-#[derive(Debug, Deserialize)]
-struct RawMessagesRequest {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "CreateMessageRequest")]
+pub struct RawMessagesRequest {
+    #[schemars(required)]
     model: Option<String>,
+    #[schemars(required)]
     max_tokens: Option<i64>,
+    #[schemars(required)]
     messages: Option<Vec<Value>>,
     system: Option<Value>,
     stop_sequences: Option<Vec<String>>,
@@ -27,7 +31,7 @@ struct RawMessagesRequest {
     app: crate::chat::RawApp,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct RawMetadata {
     user_id: Option<String>,
 }
@@ -383,7 +387,7 @@ fn text_of(v: &Value, path: &str) -> Result<String, ApiError> {
 }
 
 /// Anthropic's `stop_reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The model ended its turn.
@@ -399,7 +403,7 @@ pub enum StopReason {
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, schemars::JsonSchema)]
 pub struct MessagesUsage {
     /// Prompt tokens.
     pub input_tokens: u32,
@@ -412,7 +416,7 @@ pub struct MessagesUsage {
 }
 
 /// A complete response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct MessagesResponse {
     /// `msg_…`.
     pub id: String,

@@ -306,7 +306,7 @@ const KNOWN_FIELDS: &[&str] = &[
 ];
 
 /// A function tool.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Tool {
     /// Function name (a-z, A-Z, 0-9, `_`, `-`; at most 64).
     pub name: String,
@@ -349,7 +349,7 @@ pub enum ResponseFormat {
 }
 
 /// `reasoning_effort` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReasoningEffort {
     /// No thinking.
@@ -365,7 +365,7 @@ pub enum ReasoningEffort {
 }
 
 /// Message roles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// System instructions.
@@ -381,7 +381,7 @@ pub enum Role {
 }
 
 /// One message of the conversation, with its content flattened to text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Message {
     /// Who speaks.
     pub role: Role,
@@ -421,9 +421,12 @@ impl Message {
 
 /// The body as it arrives; unknown fields are ignored. Fields whose shape needs a precise
 /// error path are kept as raw JSON and checked by hand.
-#[derive(Debug, Deserialize)]
-struct RawRequest {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "CreateChatCompletionRequest")]
+pub struct RawRequest {
+    #[schemars(required)]
     model: Option<String>,
+    #[schemars(required)]
     messages: Option<Vec<Value>>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
@@ -463,7 +466,7 @@ struct RawRequest {
 }
 
 /// The application-platform fields, read the same way by both doors.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub(crate) struct RawApp {
     labels: Option<BTreeMap<String, Value>>,
     tags: Option<Vec<String>>,
@@ -511,7 +514,7 @@ impl RawApp {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct RawStreamOptions {
     include_usage: Option<bool>,
 }
@@ -1477,7 +1480,7 @@ fn role_name(r: Role) -> &'static str {
 }
 
 /// Why a choice ended, on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// Natural end or stop string.
@@ -1493,7 +1496,7 @@ pub enum FinishReason {
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, schemars::JsonSchema)]
 pub struct Usage {
     /// Templated prompt tokens.
     pub prompt_tokens: u32,
@@ -1531,7 +1534,7 @@ impl Usage {
 }
 
 /// `usage.prompt_tokens_details`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, schemars::JsonSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens reused from a cache.
     pub cached_tokens: u32,
@@ -1540,7 +1543,7 @@ pub struct PromptTokensDetails {
 }
 
 /// `usage.completion_tokens_details`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, schemars::JsonSchema)]
 pub struct CompletionTokensDetails {
     /// Tokens spent thinking.
     pub reasoning_tokens: u32,
@@ -1553,7 +1556,7 @@ pub struct CompletionTokensDetails {
 }
 
 /// A complete (non-streamed) response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ChatCompletion {
     /// `chatcmpl-…`.
     pub id: String,
@@ -1577,7 +1580,7 @@ pub struct ChatCompletion {
 }
 
 /// One choice.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Choice {
     /// 0..n−1.
     pub index: u32,
@@ -1593,7 +1596,7 @@ pub struct Choice {
 }
 
 /// `logprobs` of a choice or a chunk.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct ChoiceLogprobs {
     /// One entry per content token.
     pub content: Vec<TokenLogprob>,
@@ -1602,7 +1605,7 @@ pub struct ChoiceLogprobs {
 }
 
 /// One token's log probability.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct TokenLogprob {
     /// The token's text (lossy where it is part of a UTF-8 character).
     pub token: String,
@@ -1615,7 +1618,7 @@ pub struct TokenLogprob {
 }
 
 /// One alternative in `top_logprobs`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct TopLogprob {
     /// The token's text.
     pub token: String,
@@ -1626,7 +1629,7 @@ pub struct TopLogprob {
 }
 
 /// The assistant's message.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct AssistantMessage {
     /// parlance: the message's id (as kept in a session's history).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1649,7 +1652,7 @@ pub struct AssistantMessage {
 }
 
 /// One call in `message.tool_calls`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct ToolCall {
     /// `call_…`.
     pub id: String,
@@ -1661,7 +1664,7 @@ pub struct ToolCall {
 }
 
 /// The function part of a call.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct FunctionCall {
     /// The function.
     pub name: String,
@@ -1670,7 +1673,7 @@ pub struct FunctionCall {
 }
 
 /// A streamed fragment of a tool call.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct ToolCallDelta {
     /// Which call of the choice.
     pub index: u32,
@@ -1685,7 +1688,7 @@ pub struct ToolCallDelta {
 }
 
 /// The function part of a streamed fragment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct FunctionDelta {
     /// On the first fragment only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1695,7 +1698,7 @@ pub struct FunctionDelta {
 }
 
 /// One streamed chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ChatCompletionChunk {
     /// Same for every chunk of the stream.
     pub id: String,
@@ -1745,8 +1748,19 @@ impl Serialize for UsageField {
     }
 }
 
+impl schemars::JsonSchema for UsageField {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ChunkUsage".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // `null` until the last chunk, which carries the counts.
+        <Option<Usage>>::json_schema(generator)
+    }
+}
+
 /// A choice in a chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ChunkChoice {
     /// Which choice.
     pub index: u32,
@@ -1762,7 +1776,7 @@ pub struct ChunkChoice {
 }
 
 /// What a chunk adds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct Delta {
     /// `assistant` on the first chunk of each choice only.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -170,14 +170,14 @@ impl RateLimitHeaders {
 }
 
 /// The envelope body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorObject,
 }
 
 /// OpenAI's error object.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct ErrorObject {
     /// Human-readable message.
     pub message: String,

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// One model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ModelObject {
     /// The public name.
     pub id: String,
@@ -21,7 +21,7 @@ pub struct ModelObject {
 
 /// A model's prices in micro-units (millionths of the operator's currency) per million tokens;
 /// all zero for a free model.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, schemars::JsonSchema)]
 pub struct ModelPricing {
     /// Prompt tokens computed.
     pub prompt: i64,
@@ -32,7 +32,7 @@ pub struct ModelPricing {
 }
 
 /// The list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ModelList {
     /// Always `list`.
     pub object: &'static str,

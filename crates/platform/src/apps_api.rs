@@ -15,7 +15,7 @@ use crate::resolve::session_missing;
 use crate::{Platform, Principal};
 
 /// `GET /v1/chat/completions` query.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct CompletionList {
     /// Only this model.
     pub model: Option<String>,
@@ -31,7 +31,7 @@ pub struct CompletionList {
 }
 
 /// `POST /v1/feedback`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeedbackInput {
     /// The choice's `completion_id`.

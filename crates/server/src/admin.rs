@@ -11,61 +11,113 @@ use axum::Json;
 use parlance_api::{parse_body, ApiError};
 use parlance_store::{Account, KeyRecord, UsageQuery};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::Failure;
 use crate::AppState;
 
-fn account_json(a: &Account) -> Value {
-    json!({
-        "id": a.id,
-        "object": "account",
-        "name": a.name,
-        "balance": a.balance,
-        "reserved": a.reserved,
-        "created_at": a.created_at / 1000,
+/// An account as the admin API shows it: money in micro-units, times in Unix seconds.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub(crate) struct AccountObject {
+    id: String,
+    /// Always `account`.
+    object: &'static str,
+    name: String,
+    /// Credit available now (reservations already taken out).
+    balance: i64,
+    /// Credit held by requests in flight.
+    reserved: i64,
+    created_at: i64,
+}
+
+fn account_json(a: &Account) -> AccountObject {
+    AccountObject {
+        id: a.id.clone(),
+        object: "account",
+        name: a.name.clone(),
+        balance: a.balance,
+        reserved: a.reserved,
+        created_at: a.created_at / 1000,
+    }
+}
+
+/// A managed key as the admin API shows it; `key` (the secret) only when it is created.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub(crate) struct KeyObject {
+    id: String,
+    /// Always `api_key`.
+    object: &'static str,
+    account_id: String,
+    name: String,
+    /// The first characters of the secret, to recognise it.
+    prefix: String,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+    created_at: i64,
+    revoked_at: Option<i64>,
+    /// The secret: shown once, when the key is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+fn key_json(k: &KeyRecord, secret: Option<&str>) -> KeyObject {
+    KeyObject {
+        id: k.id.clone(),
+        object: "api_key",
+        account_id: k.account_id.clone(),
+        name: k.name.clone(),
+        prefix: k.prefix.clone(),
+        rpm: k.rpm,
+        tpm: k.tpm,
+        created_at: k.created_at / 1000,
+        revoked_at: k.revoked_at.map(|t| t / 1000),
+        key: secret.map(str::to_owned),
+    }
+}
+
+/// A key once revoked.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub(crate) struct RevokedKey {
+    id: String,
+    /// Always `api_key`.
+    object: &'static str,
+    /// Always true.
+    revoked: bool,
+}
+
+/// A list: `{"object": "list", "data": [...]}`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "ListOf{T}")]
+pub(crate) struct List<T> {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<T>,
+}
+
+fn list<T>(data: Vec<T>) -> Json<List<T>> {
+    Json(List {
+        object: "list",
+        data,
     })
 }
 
-fn key_json(k: &KeyRecord, secret: Option<&str>) -> Value {
-    let mut v = json!({
-        "id": k.id,
-        "object": "api_key",
-        "account_id": k.account_id,
-        "name": k.name,
-        "prefix": k.prefix,
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-        "created_at": k.created_at / 1000,
-        "revoked_at": k.revoked_at.map(|t| t / 1000),
-    });
-    if let (Some(s), Some(o)) = (secret, v.as_object_mut()) {
-        o.insert("key".into(), json!(s));
-    }
-    v
-}
-
-fn list(data: Vec<Value>) -> Json<Value> {
-    Json(json!({"object": "list", "data": data}))
-}
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct NewAccount {
+pub(crate) struct NewAccount {
     name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct NewCredits {
+pub(crate) struct NewCredits {
     /// Micro-units.
     amount: i64,
     note: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct NewKeyBody {
+pub(crate) struct NewKeyBody {
     /// Account id or name.
     account: String,
     #[serde(default)]
@@ -74,7 +126,9 @@ struct NewKeyBody {
     tpm: Option<i64>,
 }
 
-pub(crate) async fn accounts(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Failure> {
+pub(crate) async fn accounts(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<List<AccountObject>>, Failure> {
     let all = state.platform.accounts().await?;
     Ok(list(all.iter().map(account_json).collect()))
 }
@@ -91,7 +145,7 @@ pub(crate) async fn create_account(
 pub(crate) async fn account(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<AccountObject>, Failure> {
     Ok(Json(account_json(&state.platform.account(&id).await?)))
 }
 
@@ -99,7 +153,7 @@ pub(crate) async fn add_credits(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<AccountObject>, Failure> {
     let b: NewCredits = parse_body(&body)?;
     if b.amount <= 0 {
         return Err(ApiError::invalid(
@@ -115,7 +169,7 @@ pub(crate) async fn add_credits(
     Ok(Json(account_json(&a)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub(crate) struct KeysQuery {
     account: Option<String>,
 }
@@ -123,7 +177,7 @@ pub(crate) struct KeysQuery {
 pub(crate) async fn keys(
     State(state): State<Arc<AppState>>,
     Query(q): Query<KeysQuery>,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<List<KeyObject>>, Failure> {
     let keys = state.platform.keys(q.account.as_deref()).await?;
     Ok(list(keys.iter().map(|k| key_json(k, None)).collect()))
 }
@@ -143,14 +197,16 @@ pub(crate) async fn create_key(
 pub(crate) async fn revoke_key(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<RevokedKey>, Failure> {
     state.platform.revoke_key(&id).await?;
-    Ok(Json(
-        json!({"id": id, "object": "api_key", "revoked": true}),
-    ))
+    Ok(Json(RevokedKey {
+        id,
+        object: "api_key",
+        revoked: true,
+    }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub(crate) struct UsageResponse {
     object: &'static str,
     group_by: Option<String>,
@@ -231,8 +287,8 @@ pub(crate) async fn usage(
 }
 
 /// The spec's own fields are checked by the platform (unknown ones refused there).
-#[derive(Debug, Deserialize)]
-struct NewProject {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(crate) struct NewProject {
     name: String,
     /// Account id or name; none: every account may use it.
     account: Option<String>,
@@ -279,8 +335,8 @@ pub(crate) async fn delete_project(
     Ok(Json(state.platform.delete_project(&id).await?))
 }
 
-#[derive(Debug, Deserialize)]
-struct NewCampaign {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(crate) struct NewCampaign {
     name: String,
     key: Option<String>,
     account: Option<String>,
@@ -352,7 +408,7 @@ pub(crate) async fn campaign_report(
 }
 
 /// One request as `/admin/requests` lists it: times in Unix seconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub(crate) struct RequestRow {
     object: &'static str,
     #[serde(flatten)]
@@ -365,7 +421,7 @@ pub(crate) struct RequestRow {
 pub(crate) async fn requests(
     State(state): State<Arc<AppState>>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<Value>, Failure> {
+) -> Result<Json<List<RequestRow>>, Failure> {
     let q = filtered_query(&state, &pairs, true).await?;
     if q.group_by.is_some() {
         return Err(ApiError::invalid(
@@ -413,11 +469,10 @@ pub(crate) async fn requests(
         .into_iter()
         .map(|mut record| {
             record.created_at /= 1000;
-            serde_json::to_value(RequestRow {
+            RequestRow {
                 object: "request",
                 record,
-            })
-            .unwrap_or(Value::Null)
+            }
         })
         .collect();
     Ok(list(data))

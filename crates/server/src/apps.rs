@@ -17,9 +17,9 @@ use serde_json::Value;
 use crate::error::Failure;
 use crate::AppState;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct NewSession {
+pub(crate) struct NewSession {
     project: Option<String>,
 }
 
@@ -40,7 +40,7 @@ pub(crate) async fn create_session(
     Ok((StatusCode::CREATED, Json(s)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Page {
     limit: Option<i64>,
@@ -122,9 +122,9 @@ pub(crate) async fn completion(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CompletionUpdate {
+pub(crate) struct CompletionUpdate {
     metadata: BTreeMap<String, String>,
 }
 

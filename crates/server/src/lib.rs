@@ -8,17 +8,18 @@ mod chat;
 mod error;
 mod middleware;
 mod models;
+mod routes;
 mod ui;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::routing::{delete, get, post};
 use axum::Router;
 use parlance_api::StatusConvention;
 use parlance_platform::Platform;
 
 pub use error::Failure;
+pub use routes::document as openapi_document;
 
 /// Shared state of every handler.
 #[derive(Debug)]
@@ -61,49 +62,26 @@ impl AppState {
     }
 }
 
-/// The whole application.
+/// The whole application: the routes of [`routes::table`], each group behind its guard.
 pub fn router(state: Arc<AppState>) -> Router {
-    let mut api = Router::new();
-    for prefix in ["/v1", "/api/v1"] {
-        api = api
-            .route(
-                &format!("{prefix}/chat/completions"),
-                post(chat::completions).get(apps::completions),
-            )
-            .route(
-                &format!("{prefix}/chat/completions/{{id}}"),
-                get(apps::completion)
-                    .post(apps::update_completion)
-                    .delete(apps::delete_completion),
-            )
-            .route(
-                &format!("{prefix}/chat/completions/{{id}}/messages"),
-                get(apps::completion_messages),
-            )
-            .route(
-                &format!("{prefix}/sessions"),
-                post(apps::create_session).get(apps::sessions),
-            )
-            .route(
-                &format!("{prefix}/sessions/{{id}}"),
-                get(apps::session).delete(apps::delete_session),
-            )
-            .route(&format!("{prefix}/feedback"), post(apps::feedback));
+    let (mut open, mut api, mut anthropic_api, mut admin_api) =
+        (Router::new(), Router::new(), Router::new(), Router::new());
+    for r in routes::table() {
+        let group = match r.access {
+            routes::Access::Open => &mut open,
+            routes::Access::Key => &mut api,
+            routes::Access::AnthropicKey => &mut anthropic_api,
+            routes::Access::Admin => &mut admin_api,
+        };
+        *group = std::mem::take(group).route(&r.path, r.handler);
     }
-    let api = api
-        .route("/v1/models", get(models::list))
-        .route("/api/v1/models", get(models::list))
-        .route("/v1/models/{*id}", get(models::get))
-        .route("/api/v1/models/{*id}", get(models::get))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::authenticate,
-        ));
+    let api = api.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::authenticate,
+    ));
     // The Anthropic door: the same pipeline, Anthropic's shapes, errors (401 included) in
     // Anthropic's body.
-    let anthropic_api = Router::new()
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/anthropic/v1/messages", post(anthropic::messages))
+    let anthropic_api = anthropic_api
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::authenticate,
@@ -112,54 +90,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             anthropic::error_shape,
         ));
-    let admin_api = Router::new()
-        .route(
-            "/admin/accounts",
-            get(admin::accounts).post(admin::create_account),
-        )
-        .route("/admin/accounts/{id}", get(admin::account))
-        .route("/admin/accounts/{id}/credits", post(admin::add_credits))
-        .route("/admin/keys", get(admin::keys).post(admin::create_key))
-        .route("/admin/keys/{id}", delete(admin::revoke_key))
-        .route("/admin/usage", get(admin::usage))
-        .route("/admin/requests", get(admin::requests))
-        .route(
-            "/admin/projects",
-            get(admin::projects).post(admin::create_project),
-        )
-        .route(
-            "/admin/projects/{id}",
-            get(admin::project)
-                .post(admin::update_project)
-                .put(admin::update_project)
-                .delete(admin::delete_project),
-        )
-        .route(
-            "/admin/campaigns",
-            get(admin::campaigns).post(admin::create_campaign),
-        )
-        .route(
-            "/admin/campaigns/{id}",
-            get(admin::campaign)
-                .post(admin::update_campaign)
-                .put(admin::update_campaign)
-                .delete(admin::delete_campaign),
-        )
-        .route("/admin/campaigns/{id}/report", get(admin::campaign_report))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::admin,
-        ));
-    Router::new()
-        .route("/", get(ui::root))
-        .route("/ui", get(ui::root))
-        .route("/ui/", get(ui::playground))
-        .route("/ui/dashboard", get(ui::dashboard))
-        .route("/ui/{name}", get(ui::asset))
-        .route("/metrics", get(models::metrics))
-        .route("/healthz", get(models::healthz))
-        .route("/readyz", get(models::readyz))
-        .merge(api)
+    let admin_api = admin_api.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::admin,
+    ));
+    open.merge(api)
         .merge(anthropic_api)
         .merge(admin_api)
         .fallback(error::not_found)

@@ -7,7 +7,7 @@ use sqlx::Row;
 use crate::db::{Store, StoreError};
 
 /// One request, as metered.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct UsageRecord {
     /// The request id.
     pub request_id: String,
@@ -92,7 +92,7 @@ pub struct UsageQuery {
 }
 
 /// One group of aggregated usage.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct UsageGroup {
     /// The group's value (`null` for the total, or records without it).
     pub group: Option<String>,
