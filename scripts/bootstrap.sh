@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the build and tests need, if missing: cmake, clang and libclang
 # (for the llama.cpp bindings), a C++ compiler, Python 3 with pip (which fetches the default
-# model), and the PostgreSQL and Redis servers the storage and limit tests run against.
+# model), the PostgreSQL and Redis servers the storage and limit tests run against, and Chromium
+# (the browser the web pages' tests drive, through Python Playwright).
 # Debian/Ubuntu: uses apt-get (as root, or through sudo).
 set -euo pipefail
 
@@ -14,6 +15,7 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v chromium >/dev/null || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

@@ -4,6 +4,19 @@
 
 use serde::Serialize;
 
+/// OpenAI's wording, naming the completion when it is what does not fit.
+fn context_message(context: u32, prompt: u32, completion: Option<u32>) -> String {
+    match completion {
+        Some(c) => format!(
+            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the messages, {c} in the completion). Please reduce the length of the messages or completion.",
+            u64::from(prompt) + u64::from(c)
+        ),
+        None => format!(
+            "This model's maximum context length is {context} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+        ),
+    }
+}
+
 /// An error a client can see.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
@@ -34,12 +47,14 @@ pub enum ApiError {
         param: String,
     },
     /// The prompt does not fit the model's context.
-    #[error("This model's maximum context length is {context} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages.")]
+    #[error("{}", context_message(*.context, *.prompt, *.completion))]
     ContextLengthExceeded {
         /// Tokens in the prompt.
         prompt: u32,
         /// The model's context length.
         context: u32,
+        /// The completion tokens asked for (`max_tokens`), when they are what does not fit.
+        completion: Option<u32>,
     },
     /// No or wrong API key.
     #[error("{0}")]

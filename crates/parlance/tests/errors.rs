@@ -75,6 +75,29 @@ async fn invalid_requests_get_the_envelope() {
     .await;
     assert_eq!(got, 400);
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("your messages resulted in") && !m.contains("completion)"),
+        "{m}"
+    );
+    // A prompt that fits with a completion that does not: OpenAI's message names both.
+    let (got, v) = raw(
+        &s,
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}).to_string(),
+    )
+    .await;
+    assert_eq!(got, 400);
+    let m = v["error"]["message"].as_str().unwrap();
+    let asked = m
+        .split("you requested ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(
+        asked > 100_000 && m.contains("100000 in the completion"),
+        "{m}"
+    );
     // Unknown routes and methods, in the envelope too.
     let r = client().get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);

@@ -141,6 +141,11 @@ async fn requests_are_traced_over_otlp_and_logged_as_json_with_their_id() {
         })
         .unwrap();
     assert_eq!(attribute(request, "model").unwrap()["stringValue"], MODEL);
+    // The usage record's id is on the span too (the dashboard shows that one).
+    let usage_id = attribute(request, "usage_id").unwrap()["stringValue"]
+        .as_str()
+        .unwrap();
+    assert!(usage_id.len() >= 32, "{usage_id}");
     assert_eq!(
         attribute(request, "route").unwrap()["stringValue"],
         "/v1/chat/completions"

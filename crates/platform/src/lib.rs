@@ -286,6 +286,8 @@ impl Platform {
         // child: filters, preparation, rate limits and credit.
         let request_span = tracing::Span::current();
         request_span.record("model", entry.name.as_str());
+        // The id of its usage record (`/admin/requests`), to find the logs of a metered request.
+        request_span.record("usage_id", request_id.as_str());
         let admission = tracing::info_span!(
             "admission",
             model = %entry.name,

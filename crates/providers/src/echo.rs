@@ -56,6 +56,7 @@ impl ChatProvider for EchoProvider {
             return Err(ApiError::ContextLengthExceeded {
                 prompt,
                 context: CONTEXT,
+                completion: None,
             });
         }
         let last = request

@@ -78,6 +78,7 @@ fn prepare(engine: &Engine, request: &ChatRequest) -> Result<(Generation, Option
         return Err(ApiError::ContextLengthExceeded {
             prompt: prompt_len,
             context,
+            completion: request.max_tokens.filter(|_| prompt_len < context),
         });
     }
     if let Some((id, _)) = request
@@ -466,7 +467,11 @@ impl PreparedChat for LocalPrepared {
         let mut events = engine.submit(generation).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::Overloaded("the model's queue is full".into()),
             SubmitError::ContextLengthExceeded { prompt, context } => {
-                ApiError::ContextLengthExceeded { prompt, context }
+                ApiError::ContextLengthExceeded {
+                    prompt,
+                    context,
+                    completion: None,
+                }
             }
             SubmitError::EmptyPrompt => ApiError::invalid("messages", "The prompt is empty."),
             SubmitError::Stopped => ApiError::NotReady("The model is shutting down.".into()),

@@ -37,6 +37,7 @@ pub(crate) async fn request_id(req: Request, next: Next) -> Response {
         path = %req.uri().path(),
         route = route.as_deref(),
         model = tracing::field::Empty,
+        usage_id = tracing::field::Empty,
         status = tracing::field::Empty,
     );
     let mut resp = next.run(req).instrument(span.clone()).await;
