@@ -897,4 +897,33 @@ async fn metrics_count_known_traffic() {
     assert!(get(&format!("parlance_kv_cache_cells_cached{{{local}}}")) > 0.0);
     // No secret and no caller-chosen text becomes a label.
     assert!(!text.contains(&key) && !text.contains("sk-wrong") && !text.contains("/no/such"));
+
+    // The same three errors, newest first, in the replica's recent errors (the 404 and the 401
+    // have no usage record), with what the caller was told and never the key.
+    let (st, errors) = admin(&s, "GET", "/admin/errors?limit=3", None).await;
+    assert_eq!(st, 200, "{errors}");
+    let got: Vec<(u64, &str, &str)> = errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["status"].as_u64().unwrap(),
+                e["route"].as_str().unwrap(),
+                e["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (404, "unmatched", "unknown_url"),
+            (401, "/v1/chat/completions", "invalid_api_key"),
+            (429, "/v1/chat/completions", "rate_limit_exceeded"),
+        ],
+        "{errors}"
+    );
+    assert!(errors["data"][1]["message"].as_str().unwrap().contains("API key"));
+    let all = errors.to_string();
+    assert!(!all.contains(&key) && !all.contains("sk-wrong"));
 }

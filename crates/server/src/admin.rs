@@ -477,3 +477,22 @@ pub(crate) async fn requests(
         .collect();
     Ok(list(data))
 }
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ErrorsQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /admin/errors?limit=N`: the last error responses of this replica, newest first (at most
+/// `limit`, default 50, up to 200), whatever refused them.
+pub(crate) async fn errors(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ErrorsQuery>,
+) -> Result<Json<List<crate::recent::ErrorEvent>>, Failure> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=crate::recent::CAPACITY).contains(&limit) {
+        return Err(ApiError::invalid("limit", "'limit' must be an integer from 1 to 200.").into());
+    }
+    Ok(list(state.recent_errors.newest(limit)))
+}

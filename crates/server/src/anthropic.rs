@@ -328,5 +328,6 @@ pub(crate) async fn error_shape(
         out.headers_mut()
             .insert("retry-after", HeaderValue::from(secs));
     }
+    out.extensions_mut().insert(e);
     out
 }

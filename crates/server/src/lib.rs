@@ -8,6 +8,7 @@ mod chat;
 mod error;
 mod middleware;
 mod models;
+mod recent;
 mod routes;
 mod ui;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// SHA-256 of the admin token; `None`: the admin API is closed.
     pub admin_token: Option<[u8; 32]>,
+    /// The last error responses, for `/admin/errors`.
+    pub(crate) recent_errors: recent::RecentErrors,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
             body_limit: 16 << 20,
             shutting_down: AtomicBool::new(false),
             admin_token: None,
+            recent_errors: recent::RecentErrors::default(),
         }
     }
 
@@ -107,7 +111,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             middleware::metrics,
         ))
-        .layer(axum::middleware::from_fn(middleware::request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::request_id,
+        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panic_response,
         ))

@@ -17,7 +17,11 @@ use crate::AppState;
 pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Gives every request an id, returned in `x-request-id`, and a trace span carrying it.
-pub(crate) async fn request_id(req: Request, next: Next) -> Response {
+pub(crate) async fn request_id(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -30,10 +34,11 @@ pub(crate) async fn request_id(req: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned());
     // No header is recorded: the Authorization header and keys never reach logs or traces.
+    let method = req.method().clone();
     let span = tracing::info_span!(
         "request",
         id = %id,
-        method = %req.method(),
+        method = %method,
         path = %req.uri().path(),
         route = route.as_deref(),
         model = tracing::field::Empty,
@@ -50,6 +55,15 @@ pub(crate) async fn request_id(req: Request, next: Next) -> Response {
             tracing::debug!(status = status.as_u16(), "request done");
         }
     });
+    if status.is_client_error() || status.is_server_error() {
+        state.recent_errors.push(
+            &id,
+            method.as_str(),
+            route.as_deref(),
+            status.as_u16(),
+            resp.extensions().get::<ApiError>(),
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

@@ -438,6 +438,19 @@ pub(crate) fn table() -> Vec<Route> {
         .with_query(&USAGE_FILTERS_AND_STATUS),
         route(
             Method::GET,
+            "/admin/errors",
+            "listErrors",
+            "This replica's last error responses (any status of 400 or more), newest first.",
+            "Admin",
+            Admin,
+            None,
+            200,
+            Json(schema::<admin::List<crate::recent::ErrorEvent>>),
+            get(admin::errors),
+        )
+        .with_query(&[("limit", "How many, 1 to 200 (50).")]),
+        route(
+            Method::GET,
             "/admin/projects",
             "listProjects",
             "Projects.",
