@@ -498,8 +498,9 @@ def test_dashboard_shows_the_traffic_sent(dash_server, page):
     refused = _chat(base, broke["key"], "Hello?")
     assert refused.status_code == 402, refused.text
     # A request for a model that does not exist is answered 404 before the platform sees it: no
-    # usage record, so not on the dashboard.
-    assert _chat(base, KEY, "Hello?", model="no-such-model").status_code == 404
+    # usage record, so not among the recent (metered) errors; the API errors panel has it.
+    missing = _chat(base, KEY, "Hello?", model="no-such-model")
+    assert missing.status_code == 404
 
     every = [u for us in usages.values() for u in us]
     n_requests = len(every) + 1
@@ -608,6 +609,15 @@ def test_dashboard_shows_the_traffic_sent(dash_server, page):
     [rec] = [r for r in records if r["status"] == 402]
     assert errors[0].get_attribute("data-request-id") == rec["request_id"]
 
+    # API errors (every error response, newest first): the 404, then the 402, as the caller
+    # was told them, with the x-request-id the caller got.
+    api_errors = pg.get_by_test_id("api-error-row").all()
+    assert [(e.get_attribute("data-status"), e.get_attribute("data-code")) for e in api_errors[:2]] == [
+        ("404", "model_not_found"), ("402", "insufficient_balance")]
+    assert api_errors[0].get_attribute("data-request-id") == missing.headers["x-request-id"]
+    assert api_errors[1].get_attribute("data-request-id") == refused.headers["x-request-id"]
+    assert "no-such-model" in api_errors[0].inner_text()
+
     # Refresh picks up new traffic.
     assert _chat(base, KEY, "One more.").status_code == 200
     wait_for(lambda: admin_get(base, "/admin/usage", since=0)["data"][0]["requests"] == n_requests + 1,
@@ -631,7 +641,7 @@ def test_dashboard_wrong_admin_token_shows_error_and_no_data(dash_server, page):
     assert pg.evaluate("document.body.dataset.state") == "error"
     assert not pg.get_by_test_id("content").is_visible()
     for testid in ("dim-row", "ts-bar", "legend-item", "status-bar", "outcome-bar", "account-row",
-                   "key-row", "variant-row", "error-row"):
+                   "key-row", "variant-row", "error-row", "api-error-row"):
         assert pg.get_by_test_id(testid).count() == 0, testid
     assert pg.locator(".card[data-value]").count() == 0
     shot(pg, "dashboard-bad-token.png")

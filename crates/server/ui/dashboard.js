@@ -97,6 +97,7 @@ async function refresh() {
     projects: admin("/admin/projects"),
     campaigns: admin("/admin/campaigns"),
     errors: admin("/admin/requests?status=error&limit=50"),
+    apiErrors: admin("/admin/errors?limit=50"),
   };
   const names = Object.keys(calls);
   const settled = await Promise.allSettled(Object.values(calls));
@@ -124,6 +125,7 @@ async function refresh() {
   section("accounts", got, failed, () => renderAccounts(got.accounts.data || []));
   section("keys", got, failed, () => renderKeys(got.keys.data || []));
   section("errors", got, failed, () => renderErrors(got.errors.data || []));
+  section("apiErrors", got, failed, () => renderApiErrors(got.apiErrors.data || []));
   if (got.campaigns) state.campaigns = got.campaigns.data || [];
   else showSectionError("campaigns", failed.campaigns);
 
@@ -155,7 +157,7 @@ function section(name, got, failed, render) {
 
 const SECTION_TARGET = {
   total: "cards", dim: "dimension-rows", status: "statuses", outcome: "outcomes", accounts: "accounts-rows",
-  keys: "keys-rows", errors: "errors-rows", campaigns: "campaign-report",
+  keys: "keys-rows", errors: "errors-rows", apiErrors: "api-errors-rows", campaigns: "campaign-report",
 };
 
 function showSectionError(name, err) {
@@ -184,7 +186,7 @@ function rememberNames(got) {
 function showNoData(err) {
   state.generation++;
   $("content").hidden = true;
-  for (const id of ["dimension-rows", "accounts-rows", "keys-rows", "errors-rows", "timeseries", "legend", "statuses", "status-summary", "outcomes", "campaign-report"]) {
+  for (const id of ["dimension-rows", "accounts-rows", "keys-rows", "errors-rows", "api-errors-rows", "timeseries", "legend", "statuses", "status-summary", "outcomes", "campaign-report"]) {
     $(id).replaceChildren();
   }
   for (const card of document.querySelectorAll(".card")) {
@@ -291,6 +293,18 @@ function renderErrors(list) {
   el("td", {}, r.model || "–"), el("td", { title: r.key_id || "" }, groupName("key", r.key_id)),
   el("td", {}, r.account_id ? groupName("account", r.account_id) : "–"),
   numCell(r.latency_ms, fmtMs(r.latency_ms)), el("td", { class: "mono" }, r.request_id))));
+}
+
+// Every error response, from /admin/errors: what the caller was told, by route.
+function renderApiErrors(list) {
+  const tbody = $("api-errors-rows");
+  if (!list.length) { emptyRow(tbody, "No error responses since the server started."); return; }
+  tbody.replaceChildren(...list.map((e) => el("tr", {
+    dataset: { testid: "api-error-row", requestId: e.request_id, status: e.status, route: e.route, code: e.code ?? "" },
+  },
+  el("td", {}, fmtTime(e.created_at)), el("td", { class: "num status-err" }, e.status),
+  el("td", { class: "mono" }, `${e.method} ${e.route}`), el("td", { class: "mono" }, e.code || "–"),
+  el("td", {}, e.message || "–"), el("td", { class: "mono" }, e.request_id))));
 }
 
 // ---------------------------------------------------------------- SVG
