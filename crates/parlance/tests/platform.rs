@@ -923,7 +923,10 @@ async fn metrics_count_known_traffic() {
         ],
         "{errors}"
     );
-    assert!(errors["data"][1]["message"].as_str().unwrap().contains("API key"));
+    assert!(errors["data"][1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("API key"));
     let all = errors.to_string();
     assert!(!all.contains(&key) && !all.contains("sk-wrong"));
 }
