@@ -15,7 +15,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, model_path, Server, MODEL};
+use common::{client, Server, MODEL};
 use serde_json::{json, Value};
 
 const KEY: &str = "sk-trace-secret-7731";
@@ -66,15 +66,8 @@ fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
 #[tokio::test]
 async fn requests_are_traced_over_otlp_and_logged_as_json_with_their_id() {
     let (endpoint, seen) = collector().await;
-    let model = format!("{MODEL}={}", model_path().display());
-    let s = Server::start_with_env(
+    let s = Server::start_env(
         &[
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-            "--exit-on-stdin-eof",
             "--api-key",
             KEY,
             "--log-format",

@@ -64,6 +64,21 @@ fn inter_token() -> Histogram {
     ])
 }
 
+/// Registers a metric (with its unit, if any) and gives it back.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) -> M {
+    match unit {
+        Some(u) => registry.register_with_unit(name, help, u, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 /// Every metric of a server; `render` writes them in Prometheus' text format.
 pub struct Metrics {
     registry: Registry,
@@ -91,81 +106,77 @@ impl Metrics {
     /// The metrics of a server over this catalog.
     pub fn new(catalog: Arc<Catalog>) -> Self {
         let mut registry = Registry::with_prefix("parlance");
-        let http_requests = Family::<HttpLabels, Counter>::default();
-        registry.register(
+        let http_requests = registered(
+            &mut registry,
             "http_requests",
             "HTTP requests by route pattern, method and status",
-            http_requests.clone(),
+            None,
+            Family::<HttpLabels, Counter>::default(),
         );
-        let http_duration = Histograms::<RouteLabels>::new_with_constructor(latency);
-        registry.register_with_unit(
+        let http_duration = registered(
+            &mut registry,
             "http_request_duration",
             "Time to the response head, by route pattern (a stream's body continues after it)",
-            Unit::Seconds,
-            http_duration.clone(),
+            Some(Unit::Seconds),
+            Histograms::<RouteLabels>::new_with_constructor(latency),
         );
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Completion requests by model, provider, status and outcome (completed, error, cancelled, refused)",
-            requests.clone(),
-        );
-        let duration = Histograms::<ModelLabels>::new_with_constructor(latency);
-        registry.register_with_unit(
+        let requests = registered(&mut registry, "requests", "Completion requests by model, provider, status and outcome (completed, error, cancelled, refused)", None, Family::<RequestLabels, Counter>::default());
+        let duration = registered(
+            &mut registry,
             "request_duration",
             "Completion requests from arrival to the end of the work",
-            Unit::Seconds,
-            duration.clone(),
+            Some(Unit::Seconds),
+            Histograms::<ModelLabels>::new_with_constructor(latency),
         );
-        let ttft = Histograms::<ModelLabels>::new_with_constructor(latency);
-        registry.register_with_unit(
+        let ttft = registered(
+            &mut registry,
             "time_to_first_token",
             "From arrival to the first output",
-            Unit::Seconds,
-            ttft.clone(),
+            Some(Unit::Seconds),
+            Histograms::<ModelLabels>::new_with_constructor(latency),
         );
-        let itl = Histograms::<ModelLabels>::new_with_constructor(inter_token);
-        registry.register_with_unit(
+        let itl = registered(
+            &mut registry,
             "inter_token_latency",
             "Between successive pieces of output of one request",
-            Unit::Seconds,
-            itl.clone(),
+            Some(Unit::Seconds),
+            Histograms::<ModelLabels>::new_with_constructor(inter_token),
         );
-        let prompt_tokens = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let prompt_tokens = registered(
+            &mut registry,
             "prompt_tokens",
             "Prompt tokens processed, cached ones included",
-            prompt_tokens.clone(),
+            None,
+            Family::<ModelLabels, Counter>::default(),
         );
-        let cached_tokens = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let cached_tokens = registered(
+            &mut registry,
             "cached_tokens",
             "Prompt tokens reused from a cache",
-            cached_tokens.clone(),
+            None,
+            Family::<ModelLabels, Counter>::default(),
         );
-        let completion_tokens = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let completion_tokens = registered(
+            &mut registry,
             "completion_tokens",
             "Completion tokens generated",
-            completion_tokens.clone(),
+            None,
+            Family::<ModelLabels, Counter>::default(),
         );
-        let credits = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let credits = registered(
+            &mut registry,
             "credits_spent_micros",
             "Credits charged, in micro-units",
-            credits.clone(),
+            None,
+            Family::<ModelLabels, Counter>::default(),
         );
-        let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "refusals",
-            "Requests refused at admission: rate_limited (429), insufficient_balance (402), overloaded (503)",
-            refusals.clone(),
-        );
-        let filter_hits = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let refusals = registered(&mut registry, "refusals", "Requests refused at admission: rate_limited (429), insufficient_balance (402), overloaded (503)", None, Family::<RefusalLabels, Counter>::default());
+        let filter_hits = registered(
+            &mut registry,
             "filter_hits",
             "Content-filter matches (blocked or redacted)",
-            filter_hits.clone(),
+            None,
+            Family::<ModelLabels, Counter>::default(),
         );
         registry.register_collector(Box::new(Load { catalog }));
         Self {

@@ -49,7 +49,7 @@ pub(crate) struct Route {
     pub tag: &'static str,
     pub access: Access,
     pub request: Option<SchemaFn>,
-    pub query: &'static [(&'static str, &'static str)],
+    pub query: Vec<(&'static str, &'static str)>,
     pub status: u16,
     pub response: Body,
     pub handler: MethodRouter<Arc<AppState>>,
@@ -102,7 +102,7 @@ fn route(
         tag,
         access,
         request,
-        query: &[],
+        query: Vec::new(),
         status,
         response,
         handler,
@@ -110,8 +110,9 @@ fn route(
 }
 
 impl Route {
-    fn with_query(mut self, query: &'static [(&'static str, &'static str)]) -> Self {
-        self.query = query;
+    /// Adds documented query parameters.
+    fn with_query(mut self, query: &[(&'static str, &'static str)]) -> Self {
+        self.query.extend_from_slice(query);
         self
     }
 }
@@ -422,7 +423,8 @@ pub(crate) fn table() -> Vec<Route> {
             Json(schema::<admin::UsageResponse>),
             get(admin::usage),
         )
-        .with_query(&USAGE_FILTERS_AND_GROUP),
+        .with_query(USAGE_FILTERS)
+        .with_query(&[("group_by", "model, key, account, user, provider, status, outcome, day, hour, minute, project, campaign, variant, session, tag or label:NAME.")]),
         route(
             Method::GET,
             "/admin/requests",
@@ -435,7 +437,11 @@ pub(crate) fn table() -> Vec<Route> {
             Json(schema::<admin::List<admin::RequestRow>>),
             get(admin::requests),
         )
-        .with_query(&USAGE_FILTERS_AND_STATUS),
+        .with_query(USAGE_FILTERS)
+        .with_query(&[
+            ("status", "`error` (every status of 400 or more) or one HTTP status."),
+            ("limit", "How many, 1 to 1000 (50)."),
+        ]),
         route(
             Method::GET,
             "/admin/errors",
@@ -717,32 +723,6 @@ pub(crate) fn table() -> Vec<Route> {
     ]);
     t
 }
-
-const USAGE_FILTERS_AND_GROUP: [(&str, &str); 13] = {
-    let mut out = [("", ""); 13];
-    let mut i = 0;
-    while i < USAGE_FILTERS.len() {
-        out[i] = USAGE_FILTERS[i];
-        i += 1;
-    }
-    out[12] = ("group_by", "model, key, account, user, provider, status, outcome, day, hour, minute, project, campaign, variant, session, tag or label:NAME.");
-    out
-};
-
-const USAGE_FILTERS_AND_STATUS: [(&str, &str); 14] = {
-    let mut out = [("", ""); 14];
-    let mut i = 0;
-    while i < USAGE_FILTERS.len() {
-        out[i] = USAGE_FILTERS[i];
-        i += 1;
-    }
-    out[12] = (
-        "status",
-        "`error` (every status of 400 or more) or one HTTP status.",
-    );
-    out[13] = ("limit", "How many, 1 to 1000 (50).");
-    out
-};
 
 async fn openapi_json() -> axum::Json<Value> {
     axum::Json(document())

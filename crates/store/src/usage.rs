@@ -304,6 +304,30 @@ fn filters(q: &UsageQuery, args: &mut Vec<Option<String>>) -> (Vec<String>, Vec<
     (wheres, ints)
 }
 
+/// Appends the conditions, if any, as a WHERE clause.
+fn push_where(sql: &mut String, wheres: &[String]) {
+    if !wheres.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&wheres.join(" AND "));
+    }
+}
+
+/// The query with its text arguments ($1…) bound, then its integer ones.
+fn bound<'q>(
+    sql: &'q str,
+    args: &[Option<String>],
+    ints: &[i64],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut query = sqlx::query(sql);
+    for a in args {
+        query = query.bind(a.clone());
+    }
+    for i in ints {
+        query = query.bind(*i);
+    }
+    query
+}
+
 /// Which records `Store::recent_usage` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusFilter {
@@ -366,21 +390,11 @@ impl Store {
             .map_or("CAST(NULL AS TEXT)".to_owned(), |g| g.to_owned());
         let mut sql =
             format!("SELECT {select_group} AS grp, {AGGREGATES} FROM usage_records u{join}");
-        if !wheres.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&wheres.join(" AND "));
-        }
+        push_where(&mut sql, &wheres);
         if let Some(g) = &group_expr {
             sql.push_str(&format!(" GROUP BY {g} ORDER BY cost DESC, requests DESC"));
         }
-        let mut query = sqlx::query(&sql);
-        for a in &args {
-            query = query.bind(a.clone());
-        }
-        for i in &ints {
-            query = query.bind(*i);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = bound(&sql, &args, &ints).fetch_all(&self.pool).await?;
         let day = q.group_by.as_deref() == Some("day");
         let hour = q.group_by.as_deref() == Some("hour");
         let minute = q.group_by.as_deref() == Some("minute");
@@ -447,21 +461,11 @@ impl Store {
              u.campaign_id, u.variant, u.session_id, u.parent_id, u.tags, u.filter_hits \
              FROM usage_records u"
             .to_owned();
-        if !wheres.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&wheres.join(" AND "));
-        }
+        push_where(&mut sql, &wheres);
         sql.push_str(&format!(
             " ORDER BY u.created_at DESC, u.request_id DESC LIMIT ${limit_arg}"
         ));
-        let mut query = sqlx::query(&sql);
-        for a in &args {
-            query = query.bind(a.clone());
-        }
-        for i in &ints {
-            query = query.bind(*i);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = bound(&sql, &args, &ints).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 let labels: String = r.try_get("labels")?;

@@ -59,6 +59,11 @@ pub struct Server {
 impl Server {
     /// Starts the server serving the default model as `smollm2`, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_env(extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let model = format!("{MODEL}={}", model_path().display());
         let mut args = vec![
             "serve",
@@ -69,7 +74,7 @@ impl Server {
             "--exit-on-stdin-eof",
         ];
         args.extend_from_slice(extra);
-        Self::start_raw(&args)
+        Self::start_with_env(&args, env)
     }
 
     pub fn start_raw(args: &[&str]) -> Server {
