@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -75,10 +75,18 @@ pub(crate) fn start(
                 .with_n_ubatch(step)
                 .with_n_seq_max(sequences)
                 .with_kv_unified(false)
-                // llama.cpp's CPU flash attention takes a different path for a large batch of
-                // queries than for a small one, so a prompt's KV state (and every token after
-                // it) would depend on how the prompt was chunked; the plain attention does not.
-                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+                // Flash attention with keys in F16 and values in BF16. llama.cpp's CPU flash
+                // attention has two fast paths that make a row's result depend on the batch: a
+                // tiled one for many queries of one stream (prompt chunks of 64 or more) and
+                // one that splits the keys of a lone query among the threads (one sequence
+                // decoding past 256 tokens). Both need the keys and values of one type; with
+                // two types every query row is computed on its own, its cells in order, with
+                // F32 accumulators (the F16/F16 path accumulates values in F16), whatever else
+                // is in the batch. BF16 values keep the F16 layout's size. The plain attention
+                // was batch-invariant too, but 25-40% slower at 16 sequences.
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+                .with_type_k(KvCacheType::F16)
+                .with_type_v(KvCacheType::BF16)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
             let backend = match backend() {
@@ -180,8 +188,8 @@ struct Slot {
     tokens: Vec<u32>,
     /// When it was last used (a tick of the scheduler), for least-recently-used choice.
     used: u64,
-    /// Whether a sequence ever ran on this stream: its memory is resident (with the values
-    /// stored transposed, one token of a stream touches a page of every row of its V cache).
+    /// Whether a sequence ever ran on this stream: some of its memory is resident (the pages of
+    /// the cells it wrote, and all of it once a stream copy landed on it).
     touched: bool,
 }
 
@@ -194,11 +202,12 @@ const MIN_WARM_SLOTS: usize = 8;
 /// moves the whole stream's KV buffer).
 const MIN_COPY: usize = 32;
 
-/// The fewest prompt tokens computed in one pass. llama.cpp's CPU kernels take another path
-/// for the attention of fewer than 2 (F16) or 4 (F32) query rows, whose last bits differ; so
-/// every prompt token is computed in a pass of at least this many (a reused prefix always
-/// leaves at least this many to compute, and no chunk is cut shorter), and a prompt's KV state
-/// is the same however it was split, cached or not.
+/// The fewest prompt tokens of one sequence computed in one pass (a reused prefix always leaves
+/// at least this many to compute, and no chunk is cut shorter). The plain attention took another
+/// path for fewer than 2 (F16) or 4 (F32) query rows; flash attention in its per-row path
+/// (see `start`) has no such edge, and this floor stays as a margin: every prompt token is
+/// computed among at least this many rows of its own sequence, so a prompt's KV state is the
+/// same however it was split, cached or not (tested to the last bit of the log probabilities).
 const MIN_CHUNK: usize = 4;
 
 /// A sequence id taken for a prompt: the id, how many prompt tokens its stream already holds,
