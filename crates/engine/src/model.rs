@@ -147,6 +147,8 @@ fn fingerprint(path: &Path, config: &EngineConfig) -> std::io::Result<String> {
     f.read_exact(&mut buf)?;
     h.update(&buf);
     h.update(config.batch_size.to_le_bytes());
+    // The attention kernels differ in their last bits.
+    h.update([u8::from(config.flash_attention)]);
     let digest = hex::encode(h.finalize());
     Ok(format!("fp_{}", &digest[..10]))
 }

@@ -75,20 +75,27 @@ pub(crate) fn start(
                 .with_n_ubatch(step)
                 .with_n_seq_max(sequences)
                 .with_kv_unified(false)
-                // Flash attention with keys in F16 and values in BF16. llama.cpp's CPU flash
-                // attention has two fast paths that make a row's result depend on the batch: a
-                // tiled one for many queries of one stream (prompt chunks of 64 or more) and
-                // one that splits the keys of a lone query among the threads (one sequence
-                // decoding past 256 tokens). Both need the keys and values of one type; with
-                // two types every query row is computed on its own, its cells in order, with
-                // F32 accumulators (the F16/F16 path accumulates values in F16), whatever else
-                // is in the batch. BF16 values keep the F16 layout's size. The plain attention
-                // was batch-invariant too, but 25-40% slower at 16 sequences.
-                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
-                .with_type_k(KvCacheType::F16)
-                .with_type_v(KvCacheType::BF16)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
+            // Flash attention with keys in F16 and values in BF16. llama.cpp's CPU flash
+            // attention has two fast paths that make a row's result depend on the batch: a tiled
+            // one for many queries of one stream (prompt chunks of 64 or more) and one that
+            // splits the keys of a lone query among the threads (one sequence decoding past 256
+            // tokens). Both need keys and values of one type; with two types every query row is
+            // computed on its own, its cells in order, with F32 accumulators (the F16/F16 path
+            // accumulates values in F16), whatever else is in the batch. BF16 values take the
+            // F16 layout's size. It skips the cells a row does not see, so it is the faster
+            // while contexts are short; the plain attention's matrix products win past ~500.
+            let params = if config.flash_attention {
+                params
+                    .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+                    .with_type_k(KvCacheType::F16)
+                    .with_type_v(KvCacheType::BF16)
+            } else {
+                // The plain attention computes every query row over all of its stream's
+                // cells with the same kernels whatever the batch (at least `MIN_CHUNK` rows).
+                params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            };
             let backend = match backend() {
                 Ok(b) => b,
                 Err(e) => {
@@ -213,6 +220,20 @@ const MIN_CHUNK: usize = 4;
 /// A sequence id taken for a prompt: the id, how many prompt tokens its stream already holds,
 /// and, if it is to copy them from a sequence still computing them, that sequence and how many.
 type Taken = (i32, usize, Option<(i32, usize)>);
+
+/// Sequences whose prompts advance together in one pass, in id order, and the tokens each
+/// computes in it.
+struct PromptGroup {
+    /// Indices into `Scheduler::seqs`.
+    members: Vec<usize>,
+    take: usize,
+}
+
+impl PromptGroup {
+    fn rows(&self) -> usize {
+        self.members.len() * self.take
+    }
+}
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -823,8 +844,8 @@ impl<'m> Scheduler<'m> {
         Ok(n)
     }
 
-    /// Decodes the batch as built.
-    fn decode(&mut self, what: &'static str) -> Result<(), String> {
+    /// Decodes the batch as built: `streams` sequences' tokens.
+    fn decode(&mut self, what: &'static str, streams: usize) -> Result<(), String> {
         let started = std::time::Instant::now();
         self.ctx
             .decode(&mut self.batch)
@@ -832,103 +853,170 @@ impl<'m> Scheduler<'m> {
         tracing::trace!(
             what,
             tokens = self.batch.n_tokens(),
-            sequences = self.seqs.len(),
+            streams,
+            running = self.seqs.len(),
             micros = started.elapsed().as_micros() as u64,
             "forward pass"
         );
         Ok(())
     }
 
-    /// One forward step: every decoding sequence's next token in one pass, then prompt chunks,
-    /// each sequence's in a pass of its own, within what is left of `batch_size`.
+    /// One forward step: every decoding sequence's next token in one pass, then prompt chunks
+    /// within what is left of `batch_size`, as many sequences' in one pass as can take the
+    /// same number of tokens (`prompt_group`).
     ///
-    /// Keeping them apart makes each sequence's arithmetic independent of what else runs:
-    /// llama.cpp splits a batch that mixes sequences with different token counts into
-    /// micro-batches of equal counts per sequence, so a prompt batched with decoding sequences
-    /// would be cut into pieces that depend on the load (and the KV state computed in a piece
-    /// of one token differs in its last bits from the same state computed in a larger piece).
+    /// Decoding and prompts stay in separate passes: llama.cpp splits a batch that mixes
+    /// sequences with different token counts into micro-batches of equal counts per sequence,
+    /// so a prompt batched with decoding sequences would be cut into pieces of one token whose
+    /// size depends on the load.
     fn step(&mut self) -> Result<(), String> {
         let decoding = self.build_decode_batch()?;
         if decoding > 0 {
-            self.decode("decode")?;
+            self.decode("decode", decoding)?;
             self.sample_all();
         }
-        // Prompt chunks, oldest request first.
+        // Prompt chunks, oldest request first, with neighbours that can take as many tokens.
         let mut budget = self.batch_size.saturating_sub(decoding);
         let mut prefilled = false;
-        let mut i = 0;
-        while i < self.seqs.len() {
-            let s = &self.seqs[i];
-            if s.leader.is_some()
-                || s.wait.is_some()
-                || s.done
-                || s.n_past >= s.prompt_len.min(s.tokens.len())
-            {
-                i += 1;
-                continue;
-            }
-            let start = s.n_past;
-            let end = s.tokens.len();
-            // A prompt is cut only where `batch_size` cuts it, the same under any load:
-            // chunks start at multiples of `batch_size` from where computing began.
-            let mut take = (end - start).min(self.batch_size);
-            let rest = end - start - take;
-            if rest > 0 && rest < MIN_CHUNK {
-                // Leave the last chunk at least MIN_CHUNK long.
-                take = take.saturating_sub(MIN_CHUNK - rest).max(1);
-            }
-            if take > budget && prefilled {
-                // Not enough room left in this step for the next whole chunk (the first one of a
-                // step always runs, so a long prompt is never starved by running streams).
-                break;
-            }
+        while let Some(group) = self.prompt_group(budget, prefilled) {
             prefilled = true;
-            self.batch.clear();
-            let id = s.seq_id;
-            for p in start..start + take {
-                let last = p + 1 == end;
-                self.batch
-                    .add(
-                        LlamaToken(self.seqs[i].tokens[p] as i32),
-                        p as i32,
-                        &[id],
-                        last,
-                    )
-                    .map_err(|e| e.to_string())?;
-            }
-            self.seqs[i].n_past += take;
-            budget = budget.saturating_sub(take);
-            self.decode("prompt")?;
-            self.release_waiters(id, self.seqs[i].n_past);
-            if start + take == end {
-                let at = take as i32 - 1;
-                for s in &mut self.seqs {
-                    s.logits_at = None;
-                }
-                self.seqs[i].logits_at = Some(at);
-                // Choices waiting on this prompt take its KV state and logits.
-                let n_past = self.seqs[i].n_past;
-                for j in 0..self.seqs.len() {
-                    if self.seqs[j].leader == Some(id) {
-                        let f = self.seqs[j].seq_id;
-                        self.ctx
-                            .copy_kv_cache_seq(id, f, None, None)
-                            .map_err(|e| e.to_string())?;
-                        let f = &mut self.seqs[j];
-                        f.n_past = n_past;
-                        f.leader = None;
-                        f.logits_at = Some(at);
-                    }
-                }
-                self.sample_all();
-            }
-            i += 1;
+            budget = budget.saturating_sub(group.rows());
+            self.prefill(&group)?;
         }
         for s in &mut self.seqs {
             s.logits_at = None;
         }
         self.reap();
         self.compact();
+        Ok(())
+    }
+
+    /// How many tokens of its prompt sequence `i` would compute next on its own: the rest, or
+    /// `batch_size` of it, leaving no last chunk shorter than `MIN_CHUNK`. `None` when it has
+    /// none to compute now (decoding, done, or waiting for another's prefix).
+    fn prompt_take(&self, i: usize) -> Option<(usize, usize)> {
+        let s = &self.seqs[i];
+        let end = s.prompt_len.min(s.tokens.len());
+        if s.leader.is_some() || s.wait.is_some() || s.done || s.n_past >= end {
+            return None;
+        }
+        let rest = end - s.n_past;
+        let mut take = rest.min(self.batch_size);
+        let left = rest - take;
+        if left > 0 && left < MIN_CHUNK {
+            take = take.saturating_sub(MIN_CHUNK - left).max(1);
+        }
+        Some((take, rest))
+    }
+
+    /// The next prompt pass: the oldest sequence with prompt to compute, and the sequences on
+    /// the ids next to it that can compute as many tokens in the same pass, within `budget`
+    /// tokens (the first pass of a step always runs, so running streams never starve a prompt).
+    ///
+    /// llama.cpp computes a batch over several KV streams as one pass only when its sequences
+    /// have consecutive ids and equal token counts; each one's rows are then computed as they
+    /// would be alone (flash attention per row, the weight products per row), so grouping changes
+    /// no sequence's arithmetic.
+    fn prompt_group(&self, budget: usize, prefilled: bool) -> Option<PromptGroup> {
+        let anchor = (0..self.seqs.len()).find(|&i| self.prompt_take(i).is_some())?;
+        let (own, _) = self.prompt_take(anchor)?;
+        if own > budget && prefilled {
+            return None;
+        }
+        // Taking `t` must leave a sequence none of its prompt or at least `MIN_CHUNK`.
+        let fits = |i: usize, t: usize| {
+            self.prompt_take(i).is_some_and(|(own, rest)| {
+                own >= t && (rest == t || rest >= t + MIN_CHUNK) && t >= MIN_CHUNK.min(rest)
+            })
+        };
+        let by_id = |id: i32| self.seqs.iter().position(|s| s.seq_id == id);
+        let group_for = |t: usize| -> Vec<usize> {
+            let mut members = vec![anchor];
+            let limit = budget.max(t);
+            let id = self.seqs[anchor].seq_id;
+            for step in [1i32, -1] {
+                let mut next = id + step;
+                while (members.len() + 1) * t <= limit {
+                    match by_id(next) {
+                        Some(j) if fits(j, t) => members.push(j),
+                        _ => break,
+                    }
+                    next += step;
+                }
+            }
+            members.sort_by_key(|&j| self.seqs[j].seq_id);
+            members
+        };
+        // The anchor's own chunk, or the shortest rest among its neighbours (so that more of
+        // them finish their prompts in this pass): whichever computes more.
+        let id = self.seqs[anchor].seq_id;
+        let shortest = (1..self.seqs.len() as i32)
+            .flat_map(|d| [id + d, id - d])
+            .filter_map(by_id)
+            .filter_map(|j| self.prompt_take(j).map(|(own, _)| own))
+            .filter(|&t| t < own && t >= MIN_CHUNK)
+            .min();
+        let mut best = (group_for(own), own);
+        if let Some(t) = shortest.filter(|&t| fits(anchor, t)) {
+            let g = group_for(t);
+            if g.len() * t > best.0.len() * best.1 {
+                best = (g, t);
+            }
+        }
+        Some(PromptGroup {
+            members: best.0,
+            take: best.1,
+        })
+    }
+
+    /// Computes `take` prompt tokens of each sequence of `group` in one pass; sequences whose
+    /// prompt is then complete sample their first token (choices waiting on them take a copy).
+    fn prefill(&mut self, group: &PromptGroup) -> Result<(), String> {
+        self.batch.clear();
+        let mut finished = Vec::new();
+        for &i in &group.members {
+            let s = &self.seqs[i];
+            let (start, end) = (s.n_past, s.tokens.len());
+            for p in start..start + group.take {
+                let last = p + 1 == end;
+                if last {
+                    finished.push((i, self.batch.n_tokens()));
+                }
+                self.batch
+                    .add(LlamaToken(s.tokens[p] as i32), p as i32, &[s.seq_id], last)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        self.decode("prompt", group.members.len())?;
+        for &i in &group.members {
+            self.seqs[i].n_past += group.take;
+            let (id, n_past) = (self.seqs[i].seq_id, self.seqs[i].n_past);
+            self.release_waiters(id, n_past);
+        }
+        if finished.is_empty() {
+            return Ok(());
+        }
+        for s in &mut self.seqs {
+            s.logits_at = None;
+        }
+        for (i, at) in finished {
+            let (id, n_past) = (self.seqs[i].seq_id, self.seqs[i].n_past);
+            self.seqs[i].logits_at = Some(at);
+            // Choices waiting on this prompt take its KV state and logits.
+            for j in 0..self.seqs.len() {
+                if self.seqs[j].leader == Some(id) {
+                    let f = self.seqs[j].seq_id;
+                    self.ctx
+                        .copy_kv_cache_seq(id, f, None, None)
+                        .map_err(|e| e.to_string())?;
+                    let f = &mut self.seqs[j];
+                    f.n_past = n_past;
+                    f.leader = None;
+                    f.logits_at = Some(at);
+                }
+            }
+        }
+        self.sample_all();
         Ok(())
     }
 

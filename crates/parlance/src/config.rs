@@ -101,6 +101,8 @@ pub struct EngineSection {
     pub max_queue: Option<usize>,
     /// Reuse the KV state of earlier prompts (default: on).
     pub prefix_cache: Option<bool>,
+    /// Flash attention (default: on; off is faster for long contexts, see the engine's docs).
+    pub flash_attention: Option<bool>,
 }
 
 impl EngineSection {
@@ -114,6 +116,7 @@ impl EngineSection {
             threads: self.threads.or(other.threads),
             max_queue: self.max_queue.or(other.max_queue),
             prefix_cache: self.prefix_cache.or(other.prefix_cache),
+            flash_attention: self.flash_attention.or(other.flash_attention),
         }
     }
 
@@ -128,6 +131,7 @@ impl EngineSection {
             threads: self.threads.or(d.threads),
             max_queue: self.max_queue.unwrap_or(d.max_queue),
             prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
+            flash_attention: self.flash_attention.unwrap_or(d.flash_attention),
         };
         if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
             bail!("max_sequences must be between 1 and 256");

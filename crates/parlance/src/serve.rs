@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Turn off the prefix cache (every prompt is computed in full).
     #[arg(long, env = "PARLANCE_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
+    /// Plain attention instead of flash attention: slower for short contexts, faster for
+    /// contexts past some 500 tokens (long prompts, long conversations).
+    #[arg(long, env = "PARLANCE_NO_FLASH_ATTENTION")]
+    no_flash_attention: bool,
     /// Status for out-of-range parameter values: 400 (OpenAI's) or 422 [default: 400].
     #[arg(long, env = "PARLANCE_INVALID_VALUE_STATUS")]
     invalid_value_status: Option<u16>,
@@ -155,6 +159,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         max_queue: args.max_queue,
         prefix_cache: args.no_prefix_cache.then_some(false),
+        flash_attention: args.no_flash_attention.then_some(false),
     };
     let defaults = flags.or(&file.engine);
     let mut specs = Vec::new();
