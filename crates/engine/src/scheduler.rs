@@ -21,9 +21,10 @@
 //! system prompt, the earlier turns of a conversation and the prompt of `n` choices are
 //! computed once, whichever sequence computed them, within the memory the KV streams already
 //! have (least recently used slots are overwritten first).
-//! 4. Build one batch: one token for every decoding sequence first, then prompt chunks with what
-//!    is left of `batch_size` (chunked prefill, so a long prompt never stalls running streams).
-//! 5. Decode, then sample each sequence that has logits; stream its text; finish it on end of
+//! 4. Decode one token for every decoding sequence in one pass; then prompt chunks with what is
+//!    left of `batch_size` (chunked prefill, so a long prompt never stalls running streams), the
+//!    chunks of sequences with consecutive ids and equal sizes together in one pass.
+//! 5. After each pass, sample each sequence that has logits; stream its text; finish it on end of
 //!    turn, a stop string, `max_tokens` or the context length, and free its sequence id.
 
 use std::collections::VecDeque;
