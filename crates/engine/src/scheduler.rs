@@ -948,12 +948,10 @@ impl<'m> Scheduler<'m> {
             members.sort_by_key(|&j| self.seqs[j].seq_id);
             members
         };
-        // The anchor's own chunk, or the shortest rest among its neighbours (so that more of
-        // them finish their prompts in this pass): whichever computes more.
-        let id = self.seqs[anchor].seq_id;
-        let shortest = (1..self.seqs.len() as i32)
-            .flat_map(|d| [id + d, id - d])
-            .filter_map(by_id)
+        // The anchor's own chunk, or the shortest chunk among the other prompts (so that more
+        // of them finish their prompts in this pass): whichever computes more.
+        let shortest = (0..self.seqs.len())
+            .filter(|&j| j != anchor)
             .filter_map(|j| self.prompt_take(j).map(|(own, _)| own))
             .filter(|&t| t < own && t >= MIN_CHUNK)
             .min();
