@@ -14,7 +14,8 @@
 //!    once for all of them.
 //!
 //! The prefix cache: a sequence id whose sequence ended keeps the KV state of every token it
-//! computed (prompt and answer), remembered in its [`Slot`]. A new request takes the free slot
+//! computed (the prompt, and the answer too with flash attention: see `reusable`), remembered
+//! in its [`Slot`]. A new request takes the free slot
 //! whose tokens share the longest prefix with its prompt and computes only the rest; when a
 //! running sequence (or a free slot whose longer context is worth keeping) shares a longer
 //! prefix, its KV stream is copied into the least recently used free slot first. So a shared
@@ -236,6 +237,19 @@ impl PromptGroup {
     }
 }
 
+/// How many of a sequence's tokens the prefix cache may offer to later requests: those whose KV
+/// state is in its stream, generated ones included when `generated` (flash attention, whose
+/// per-row path computes a token's KV state alike in a one-token step and in a prompt chunk);
+/// otherwise the prompt's only (the plain attention takes another kernel for a single row).
+fn reusable(s: &Seq, generated: bool) -> usize {
+    let computed = s.n_past.min(s.tokens.len());
+    if generated {
+        computed
+    } else {
+        computed.min(s.prompt_len)
+    }
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -256,6 +270,8 @@ struct Scheduler<'m> {
     /// By sequence id.
     slots: Vec<Slot>,
     prefix_cache: bool,
+    /// Whether the KV state of generated tokens is reused too (see `reusable`).
+    reuse_generated: bool,
     tick: u64,
 }
 
@@ -283,6 +299,7 @@ impl<'m> Scheduler<'m> {
             piece: Vec::new(),
             slots: vec![Slot::default(); sequences as usize],
             prefix_cache: config.prefix_cache,
+            reuse_generated: config.flash_attention,
             tick: 0,
         }
     }
@@ -451,10 +468,9 @@ impl<'m> Scheduler<'m> {
         slot.used = self.tick;
         slot.tokens.clear();
         if self.prefix_cache && seq.leader.is_none() {
-            // Only the prompt: the KV state of generated tokens, computed one token per step,
-            // is not bit-identical to what computing them as part of a prompt gives, and a
-            // reused prefix must give the same answer as a computed one.
-            let keep = seq.n_past.min(seq.prompt_len).min(seq.tokens.len());
+            // A reused prefix must give the same answer as a computed one: generated tokens
+            // count only where their KV state equals a prompt's (`reusable`).
+            let keep = reusable(&seq, self.reuse_generated);
             slot.tokens.extend_from_slice(&seq.tokens[..keep]);
             // A free stream holding a prefix of the same tokens (the one this sequence moved
             // from) is now redundant: it goes first when a stream must be overwritten.
@@ -539,7 +555,7 @@ impl<'m> Scheduler<'m> {
             let keep = if empty || !self.prefix_cache {
                 0
             } else {
-                s.n_past.min(s.prompt_len).min(s.tokens.len())
+                reusable(s, self.reuse_generated)
             };
             self.tick += 1;
             let slot = &mut self.slots[old as usize];
@@ -622,7 +638,7 @@ impl<'m> Scheduler<'m> {
             .iter()
             .filter(|s| s.leader.is_none() && s.wait.is_none() && s.n_past > 0)
             .map(|s| {
-                let computed = s.n_past.min(s.prompt_len).min(s.tokens.len());
+                let computed = reusable(s, self.reuse_generated);
                 let len = common_prefix(&s.tokens[..computed], prompt);
                 (s.seq_id, len.min(usable))
             })

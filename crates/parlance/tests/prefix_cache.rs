@@ -29,22 +29,29 @@ fn ask(system: Option<&str>, turns: &[(&str, &str)], question: &str, max_tokens:
     }
     messages.push(json!({"role": "user", "content": question}));
     json!({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0.8,
-           "seed": 7})
+           "seed": 7, "logprobs": true})
 }
 
+/// The answer's text followed by every token's log probability (so that two answers compare
+/// equal only if their logits agreed to the last bit), the prompt's size and its cached part.
 async fn answer(s: &Server, body: &Value) -> (String, u64, u64) {
     let (st, _, v) = post(s, body).await;
     assert_eq!(st, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let logprobs = &v["choices"][0]["logprobs"]["content"];
+    assert!(logprobs.as_array().is_some_and(|a| !a.is_empty()), "{v}");
     (
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
+        format!("{text}\n{logprobs}"),
         v["usage"]["prompt_tokens"].as_u64().unwrap(),
         v["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap(),
     )
+}
+
+/// The answer's text alone.
+fn text(answer: &str) -> &str {
+    answer.rsplit_once('\n').map_or(answer, |(t, _)| t)
 }
 
 #[tokio::test]
@@ -78,15 +85,35 @@ async fn reused_prefixes_are_reported_and_never_change_an_answer() {
         }
     }
 
-    // The next turn of a conversation reuses the whole of the first turn.
+    // The next turn of a conversation reuses the whole of the first turn, the answer's tokens
+    // included (computed one per step, their KV state is what a prompt would have given).
     let (a1, _, _) = answer(&cached, &ask(Some(SYSTEM), &[], questions[0], 24)).await;
-    let turn2 = ask(Some(SYSTEM), &[(questions[0], &a1)], "And for dessert?", 24);
+    let turn2 = ask(
+        Some(SYSTEM),
+        &[(questions[0], text(&a1))],
+        "And for dessert?",
+        80,
+    );
     let (a2, prompt2, hit2) = answer(&cached, &turn2).await;
     let (b2, _, _) = answer(&fresh, &turn2).await;
     assert_eq!(a2, b2);
     assert!(
-        hit2 >= first_prompt,
+        hit2 >= first_prompt + 16,
         "turn 2 reused {hit2} tokens; turn 1's prompt alone was {first_prompt} (of {prompt2})"
+    );
+    // A third turn, after a longer answer computed past 64 cells one token at a time.
+    let turn3 = ask(
+        Some(SYSTEM),
+        &[(questions[0], text(&a1)), ("And for dessert?", text(&a2))],
+        "Which wine goes with it?",
+        16,
+    );
+    let (a3, prompt3, hit3) = answer(&cached, &turn3).await;
+    let (b3, _, _) = answer(&fresh, &turn3).await;
+    assert_eq!(a3, b3);
+    assert!(
+        hit3 >= prompt2 + 16,
+        "turn 3 reused {hit3} tokens; turn 2's prompt alone was {prompt2} (of {prompt3})"
     );
 
     // Concurrent requests sharing the prefix, finishing in any order (different lengths), give
@@ -95,9 +122,9 @@ async fn reused_prefixes_are_reported_and_never_change_an_answer() {
         .map(|i| ask(Some(SYSTEM), &[], questions[i % 4], 4 + 6 * (i as u32 % 4)))
         .collect();
     let together = futures::future::join_all(bodies.iter().map(|b| answer(&cached, b))).await;
-    for (body, (text, _, _)) in bodies.iter().zip(&together) {
+    for (body, (got, _, _)) in bodies.iter().zip(&together) {
         let (alone, _, _) = answer(&fresh, body).await;
-        assert_eq!(text, &alone);
+        assert_eq!(got, &alone);
     }
     assert!(together.iter().all(|(_, _, hit)| *hit >= 50));
 
@@ -147,4 +174,25 @@ async fn least_recently_used_prefixes_are_evicted_first() {
     // And the answers are still the ones computed from scratch.
     let (again, _, _) = answer(&s, &ask(None, &[], &c, 1)).await;
     assert_eq!(again, first[2].0);
+}
+
+#[tokio::test]
+async fn with_the_plain_attention_only_prompts_are_reused() {
+    // The plain attention computes a lone decoding row with another kernel than a prompt's
+    // rows, so an answer's KV state would differ in its last bits from a prompt's: the cache
+    // keeps the prompt only, and the next turn still matches a server without the cache.
+    let cached = Server::start(&["--no-flash-attention"]);
+    let fresh = Server::start(&["--no-flash-attention", "--no-prefix-cache"]);
+    let turn1 = ask(Some(SYSTEM), &[], "What did you cook today?", 24);
+    let (a1, prompt1, _) = answer(&cached, &turn1).await;
+    let turn2 = ask(
+        Some(SYSTEM),
+        &[("What did you cook today?", text(&a1))],
+        "And for dessert?",
+        24,
+    );
+    let (a2, _, hit2) = answer(&cached, &turn2).await;
+    let (b2, _, _) = answer(&fresh, &turn2).await;
+    assert_eq!(a2, b2);
+    assert_eq!(hit2, prompt1, "turn 2 reused exactly turn 1's prompt");
 }
