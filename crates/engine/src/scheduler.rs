@@ -35,6 +35,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -198,7 +199,7 @@ struct Slot {
     /// When it was last used (a tick of the scheduler), for least-recently-used choice.
     used: u64,
     /// Whether a sequence ever ran on this stream: some of its memory is resident (the pages of
-    /// the cells it wrote, and all of it once a stream copy landed on it).
+    /// the cells written to it, by a sequence or by a copy).
     touched: bool,
 }
 
@@ -208,7 +209,7 @@ struct Slot {
 const MIN_WARM_SLOTS: usize = 8;
 
 /// A prefix shorter than this is recomputed rather than copied from another stream (a copy
-/// moves the whole stream's KV buffer).
+/// moves every cell the source stream holds, then drops those past the prefix).
 const MIN_COPY: usize = 32;
 
 /// The fewest prompt tokens of one sequence computed in one pass (a reused prefix always leaves
@@ -248,6 +249,24 @@ fn reusable(s: &Seq, generated: bool) -> usize {
     } else {
         computed.min(s.prompt_len)
     }
+}
+
+/// Copies sequence `src`'s KV state into `dst`'s stream (replacing what `dst` held), cell for
+/// cell in the same order; false if llama.cpp refused (then `dst` is empty).
+///
+/// llama.cpp's own copy between streams (`seq_cp`) copies the whole stream buffer, every cell
+/// of every layer (47 MiB a stream for the default model at 2,048 tokens), which costs a pass's
+/// worth of memory traffic and makes the whole destination stream resident. Going through the
+/// sequence state moves only the cells `src` holds, and `dst` is written only as far as that.
+fn copy_stream(ctx: &mut LlamaContext<'_>, src: i32, dst: i32) -> bool {
+    let copied = ctx
+        .state_seq_get(src, LlamaStateSeqFlags::empty())
+        .ok()
+        .is_some_and(|state| ctx.state_seq_set(&state, dst).is_ok());
+    if !copied {
+        let _ = ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
+    }
+    copied
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -544,7 +563,7 @@ impl<'m> Scheduler<'m> {
                     .clear_kv_cache_seq(Some(new as u32), None, None)
                     .is_ok()
             } else {
-                self.ctx.copy_kv_cache_seq(old, new, None, None).is_ok()
+                copy_stream(&mut self.ctx, old, new)
             };
             if !moved {
                 self.free_ids.push(new);
@@ -727,7 +746,7 @@ impl<'m> Scheduler<'m> {
     /// dropped); false (and `dst` empty) if llama.cpp refused.
     fn copy_prefix(&mut self, src: i32, dst: i32, len: usize) -> bool {
         self.slots[dst as usize].tokens.clear();
-        let ok = self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
+        let ok = copy_stream(&mut self.ctx, src, dst)
             && self
                 .ctx
                 .clear_kv_cache_seq(Some(dst as u32), Some(len as u32), None)
@@ -1021,9 +1040,9 @@ impl<'m> Scheduler<'m> {
             for j in 0..self.seqs.len() {
                 if self.seqs[j].leader == Some(id) {
                     let f = self.seqs[j].seq_id;
-                    self.ctx
-                        .copy_kv_cache_seq(id, f, None, None)
-                        .map_err(|e| e.to_string())?;
+                    if !copy_stream(&mut self.ctx, id, f) {
+                        return Err(format!("could not copy KV stream {id} to {f}"));
+                    }
                     let f = &mut self.seqs[j];
                     f.n_past = n_past;
                     f.leader = None;

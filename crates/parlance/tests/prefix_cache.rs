@@ -199,3 +199,95 @@ async fn with_the_plain_attention_only_prompts_are_reused() {
     let (_, _, hit2) = same_without_cache(&cached, &fresh, &turn2).await;
     assert_eq!(hit2, prompt1, "turn 2 reused exactly turn 1's prompt");
 }
+
+/// The server's resident memory in MiB (Linux).
+fn resident_mib(s: &Server) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Sends these requests at once; the status, prompt tokens and cached tokens of each.
+async fn all_at_once(s: &Server, bodies: Vec<Value>) -> Vec<(u16, u64, u64)> {
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let base = s.base.clone();
+            tokio::spawn(async move {
+                let r = common::client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                let usage = &v["usage"];
+                (
+                    status,
+                    usage["prompt_tokens"].as_u64().unwrap_or(0),
+                    usage["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0),
+                )
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_copied_prefix_makes_only_its_cells_resident() {
+    let s = Server::start(&[]);
+    let rules = |tag: &str| -> String {
+        (1..=30)
+            .map(|i| format!("{tag} rule {i}: the crew washes deck {i} before the bell. "))
+            .collect()
+    };
+    // Warm-up: eight distinct long prompts at once (nothing shared to copy) make eight streams
+    // and the pass buffers resident as far as such prompts reach.
+    let warm = all_at_once(
+        &s,
+        (0..8)
+            .map(|i| ask(Some(&rules(&format!("Ship {i}"))), &[], "Which rule?", 4))
+            .collect(),
+    )
+    .await;
+    assert!(warm.iter().all(|r| r.0 == 200 && r.2 < 32), "{warm:?}");
+    let before = resident_mib(&s);
+    // Eight requests sharing a new ~400-token system prompt: one computes it, the others copy
+    // it into their own streams. A copy writes only the cells it moves (~9 MiB each here);
+    // copying whole streams (45 MiB each for this model) would add some 300 MiB.
+    let shared = all_at_once(
+        &s,
+        (0..8)
+            .map(|i| {
+                ask(
+                    Some(&rules("Southern")),
+                    &[],
+                    &format!("What is rule {i}?"),
+                    4,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    assert!(shared.iter().all(|r| r.0 == 200 && r.1 > 350), "{shared:?}");
+    let copied = shared.iter().filter(|r| r.2 + 40 >= r.1).count();
+    assert!(copied >= 6, "the shared prompt was not reused: {shared:?}");
+    let grown = resident_mib(&s) - before;
+    assert!(
+        grown < 100.0,
+        "resident memory grew by {grown:.0} MiB ({before:.0} MiB before)"
+    );
+}
