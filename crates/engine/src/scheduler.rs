@@ -255,7 +255,7 @@ fn reusable(s: &Seq, generated: bool) -> usize {
 /// cell in the same order; false if llama.cpp refused (then `dst` is empty).
 ///
 /// llama.cpp's own copy between streams (`seq_cp`) copies the whole stream buffer, every cell
-/// of every layer (47 MiB a stream for the default model at 2,048 tokens), which costs a pass's
+/// of every layer (45 MiB a stream for the default model at 2,048 tokens), which costs a pass's
 /// worth of memory traffic and makes the whole destination stream resident. Going through the
 /// sequence state moves only the cells `src` holds, and `dst` is written only as far as that.
 fn copy_stream(ctx: &mut LlamaContext<'_>, src: i32, dst: i32) -> bool {

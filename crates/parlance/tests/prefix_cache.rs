@@ -201,8 +201,9 @@ async fn with_the_plain_attention_only_prompts_are_reused() {
 }
 
 /// The server's resident memory in MiB (Linux).
+#[cfg(target_os = "linux")]
 fn resident_mib(s: &Server) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -210,39 +211,6 @@ fn resident_mib(s: &Server) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap();
     kib / 1024.0
-}
-
-/// Sends these requests at once; the status, prompt tokens and cached tokens of each.
-async fn all_at_once(s: &Server, bodies: Vec<Value>) -> Vec<(u16, u64, u64)> {
-    let tasks: Vec<_> = bodies
-        .into_iter()
-        .map(|body| {
-            let base = s.base.clone();
-            tokio::spawn(async move {
-                let r = common::client()
-                    .post(format!("{base}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let v: Value = r.json().await.unwrap();
-                let usage = &v["usage"];
-                (
-                    status,
-                    usage["prompt_tokens"].as_u64().unwrap_or(0),
-                    usage["prompt_tokens_details"]["cached_tokens"]
-                        .as_u64()
-                        .unwrap_or(0),
-                )
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
 }
 
 #[cfg(target_os = "linux")]
@@ -256,34 +224,34 @@ async fn a_copied_prefix_makes_only_its_cells_resident() {
     };
     // Warm-up: eight distinct long prompts at once (nothing shared to copy) make eight streams
     // and the pass buffers resident as far as such prompts reach.
-    let warm = all_at_once(
-        &s,
-        (0..8)
-            .map(|i| ask(Some(&rules(&format!("Ship {i}"))), &[], "Which rule?", 4))
-            .collect(),
-    )
-    .await;
-    assert!(warm.iter().all(|r| r.0 == 200 && r.2 < 32), "{warm:?}");
+    let distinct: Vec<Value> = (0..8)
+        .map(|i| ask(Some(&rules(&format!("Ship {i}"))), &[], "Which rule?", 4))
+        .collect();
+    let warm = futures::future::join_all(distinct.iter().map(|b| answer(&s, b))).await;
+    assert!(warm.iter().all(|(_, _, hit)| *hit < 32), "{warm:?}");
     let before = resident_mib(&s);
     // Eight requests sharing a new ~400-token system prompt: one computes it, the others copy
     // it into their own streams. A copy writes only the cells it moves (~9 MiB each here);
     // copying whole streams (45 MiB each for this model) would add some 300 MiB.
-    let shared = all_at_once(
-        &s,
-        (0..8)
-            .map(|i| {
-                ask(
-                    Some(&rules("Southern")),
-                    &[],
-                    &format!("What is rule {i}?"),
-                    4,
-                )
-            })
-            .collect(),
-    )
-    .await;
-    assert!(shared.iter().all(|r| r.0 == 200 && r.1 > 350), "{shared:?}");
-    let copied = shared.iter().filter(|r| r.2 + 40 >= r.1).count();
+    let sharing: Vec<Value> = (0..8)
+        .map(|i| {
+            ask(
+                Some(&rules("Southern")),
+                &[],
+                &format!("What is rule {i}?"),
+                4,
+            )
+        })
+        .collect();
+    let shared = futures::future::join_all(sharing.iter().map(|b| answer(&s, b))).await;
+    assert!(
+        shared.iter().all(|(_, prompt, _)| *prompt > 350),
+        "{shared:?}"
+    );
+    let copied = shared
+        .iter()
+        .filter(|(_, prompt, hit)| hit + 40 >= *prompt)
+        .count();
     assert!(copied >= 6, "the shared prompt was not reused: {shared:?}");
     let grown = resident_mib(&s) - before;
     assert!(
