@@ -182,6 +182,32 @@ async fn least_recently_used_prefixes_are_evicted_first() {
 }
 
 #[tokio::test]
+async fn a_short_shared_prefix_is_copied_and_the_context_holding_it_kept() {
+    // A new question under the same short system prompt as a long conversation held in a free
+    // stream. Reusing that stream in place would drop the conversation; taking a fresh stream
+    // would compute the system prompt again. Copying the few shared cells costs less than
+    // computing them (the copy moves only the cells the source holds), so they are copied and
+    // the conversation stays cached.
+    let cached = Server::start(&[]);
+    let fresh = Server::start(&["--no-prefix-cache"]);
+    let system = "You are a terse assistant.";
+    let long = "Tell me, in order and with one line for each, the names of the planets, the \
+                moons of each planet you know, the colour each one shows in a small telescope, \
+                and which of them a sailor could use to find the way home at night.";
+    let (_, prompt_long, hit_long) = answer(&cached, &ask(Some(system), &[], long, 24)).await;
+    assert_eq!(hit_long, 0, "a fresh server has nothing cached");
+    let (_, prompt, hit) =
+        same_without_cache(&cached, &fresh, &ask(Some(system), &[], "Name a fruit.", 8)).await;
+    // The template's system part and the user header (some 15 tokens) were reused.
+    assert!(hit >= 10 && hit + 4 <= prompt, "{hit} of {prompt} cached");
+    // And the long conversation was not overwritten: asked again, all of it but the last
+    // `MIN_CHUNK` (4) prompt tokens comes from the cache.
+    let (_, _, again) =
+        same_without_cache(&cached, &fresh, &ask(Some(system), &[], long, 24)).await;
+    assert_eq!(again, prompt_long - 4);
+}
+
+#[tokio::test]
 async fn with_the_plain_attention_only_prompts_are_reused() {
     // The plain attention computes a lone decoding row with another kernel than a prompt's
     // rows, so an answer's KV state would differ in its last bits from a prompt's: the cache
