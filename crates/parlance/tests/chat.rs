@@ -680,11 +680,22 @@ async fn tool_calls_required_named_none_and_streamed() {
         b["max_tokens"] = json!(80);
         b
     };
-    // required: always at least one call, arguments parse and match the schema.
+    // required: always calls. The array of calls has no bound, so a sampled answer may keep
+    // adding calls until `max_tokens` (seed 4 does on some CPUs, whose kernels round
+    // differently): it then ends with `length` and its text is the array cut short. The others
+    // end with `tool_calls`, and their arguments parse and match the schema.
+    let mut completed = 0;
     for seed in 0..5 {
         let (status, _, v) = post(s, &ask(json!("required"), seed)).await;
         assert_eq!(status, 200, "{v}");
         let c = &v["choices"][0];
+        if c["finish_reason"] == "length" {
+            let cut = c["message"]["content"].as_str().unwrap();
+            assert!(cut.starts_with("[{\"name\":\"get_"), "{v}");
+            assert!(serde_json::from_str::<Value>(cut).is_err(), "{v}");
+            continue;
+        }
+        completed += 1;
         assert_eq!(c["finish_reason"], "tool_calls", "{v}");
         assert!(c["message"]["content"].is_null());
         let calls = c["message"]["tool_calls"].as_array().unwrap();
@@ -704,6 +715,10 @@ async fn tool_calls_required_named_none_and_streamed() {
         }
         validate_with_spec(&v.to_string());
     }
+    assert!(
+        completed >= 3,
+        "{completed} of 5 answers completed their calls"
+    );
     // parallel_tool_calls: false gives at most one call.
     let mut b = ask(json!("required"), 3);
     b["parallel_tool_calls"] = json!(false);
