@@ -207,9 +207,11 @@ def test_tool_calls_with_the_sdk(client: OpenAI):
 def test_anthropic_sdk_tool_use(server):
     import anthropic
     c = anthropic.Anthropic(base_url=server, api_key="sk-sdk-test", max_retries=0)
+    # Without additionalProperties false the schema lets a small model add keys until max_tokens
+    # (it does, greedily, with some KV cache types), and then the answer is text, not a tool use.
     tools = [{"name": "get_weather", "description": "Weather in a city",
               "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
-                               "required": ["city"]}}]
+                               "required": ["city"], "additionalProperties": False}}]
     msgs = [{"role": "user", "content": "Weather in Rome?"}]
     one = {"type": "any", "disable_parallel_tool_use": True}
     greedy = {"temperature": 0}  # greedy, so the plain and streamed calls are the same

@@ -32,7 +32,8 @@ pub struct EngineConfig {
     pub max_sequences: Option<u32>,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
     /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
-    /// `max_sequences × context_length` cells (22.5 KiB each for the default model).
+    /// `max_sequences × context_length` cells (17 KiB each for the default model with flash attention,
+    /// 22.5 KiB with the plain attention).
     pub context_length: Option<u32>,
     /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
     /// reserved, not resident: pages become resident only as sequences write their cells.
@@ -45,7 +46,7 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
-    /// Flash attention (keys F16, values BF16): the faster on CPU while contexts are short
+    /// Flash attention (keys Q8_0, values F16): the faster on CPU while contexts are short
     /// (under some 500 tokens: 25-40% more tokens per second at 16 sequences); the plain
     /// attention (keys and values F16) is the faster past that (a 1,000-token prompt computes
     /// ~1.6× as fast, and decoding at that length ~1.3× as fast). Both are batch-invariant.

@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -80,25 +80,20 @@ pub(crate) fn start(
                 .with_kv_unified(false)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
-            // Flash attention with keys in F16 and values in BF16. llama.cpp's CPU flash
-            // attention has two fast paths that make a row's result depend on the batch: a tiled
-            // one for many queries of one stream (prompt chunks of 64 or more) and one that
-            // splits the keys of a lone query among the threads (one sequence decoding past 256
-            // tokens). Both need keys and values of one type; with two types every query row is
-            // computed on its own, its cells in order, with F32 accumulators (the F16/F16 path
-            // accumulates values in F16), whatever else is in the batch. BF16 values take the
-            // F16 layout's size. It skips the cells a row does not see, so it is the faster
-            // while contexts are short; the plain attention's matrix products win past ~500.
-            let params = if config.flash_attention {
-                params
-                    .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
-                    .with_type_k(KvCacheType::F16)
-                    .with_type_v(KvCacheType::BF16)
+            // Both attention settings compute every query row the same way whatever else is
+            // in the batch; the KV types that keep the flash attention there: `kv_types`.
+            let (type_k, type_v) = model.kv_types;
+            let policy = if config.flash_attention {
+                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
             } else {
                 // The plain attention computes every query row over all of its stream's
                 // cells with the same kernels whatever the batch (at least `MIN_CHUNK` rows).
-                params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
             };
+            let params = params
+                .with_flash_attention_policy(policy)
+                .with_type_k(type_k)
+                .with_type_v(type_v);
             let backend = match backend() {
                 Ok(b) => b,
                 Err(e) => {
@@ -276,7 +271,7 @@ fn reusable(s: &Seq, generated: bool) -> usize {
 /// cell in the same order; false if llama.cpp refused (then `dst` is empty).
 ///
 /// llama.cpp's own copy between streams (`seq_cp`) copies the whole stream buffer, every cell
-/// of every layer (45 MiB a stream for the default model at 2,048 tokens), which costs a pass's
+/// of every layer (34 MiB a stream for the default model at 2,048 tokens), which costs a pass's
 /// worth of memory traffic and makes the whole destination stream resident. Going through the
 /// sequence state moves only the cells `src` holds, and `dst` is written only as far as that.
 fn copy_stream(ctx: &mut LlamaContext<'_>, src: i32, dst: i32) -> bool {

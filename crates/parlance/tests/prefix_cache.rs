@@ -257,8 +257,8 @@ async fn a_copied_prefix_makes_only_its_cells_resident() {
     assert!(warm.iter().all(|(_, _, hit)| *hit < 32), "{warm:?}");
     let before = resident_mib(&s);
     // Eight requests sharing a new ~400-token system prompt: one computes it, the others copy
-    // it into their own streams. A copy writes only the cells it moves (~9 MiB each here);
-    // copying whole streams (45 MiB each for this model) would add some 300 MiB.
+    // it into their own streams. A copy writes only the cells it moves (~7 MiB each here);
+    // copying whole streams (34 MiB each for this model) would add some 240 MiB.
     let sharing: Vec<Value> = (0..8)
         .map(|i| {
             ask(
