@@ -32,8 +32,8 @@ pub struct EngineConfig {
     pub max_sequences: Option<u32>,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
     /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
-    /// `max_sequences × context_length` cells (17 KiB each for the default model with flash attention,
-    /// 22.5 KiB with the plain attention).
+    /// `max_sequences × context_length` cells (17 KiB each for the default model with flash
+    /// attention, 22.5 KiB with the plain attention).
     pub context_length: Option<u32>,
     /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
     /// reserved, not resident: pages become resident only as sequences write their cells.
