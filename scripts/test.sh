@@ -26,6 +26,7 @@ export PARLANCE_TEST_THINKING_MODEL
 echo "== clippy" >&2
 cargo clippy --all-targets -j "$jobs" -- -D warnings
 echo "== rust tests" >&2
-cargo test --workspace -j "$jobs" -- --test-threads 2
+# Without backtraces a failing test's message is the last thing it prints.
+RUST_BACKTRACE=0 cargo test --workspace -j "$jobs" -- --test-threads 2
 echo "== openai SDK suite" >&2
 python3 -m pytest tests/python -q -p no:cacheprovider

@@ -143,9 +143,15 @@ impl Server {
     }
 
     pub fn terminate(&self) {
-        let _ = Command::new("kill")
+        let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
-            .status();
+            .status()
+            .expect("run `kill` (procps)");
+        assert!(
+            status.success(),
+            "kill -TERM {} failed: {status}",
+            self.pid()
+        );
     }
 }
 
