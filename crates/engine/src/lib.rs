@@ -48,8 +48,10 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Flash attention (keys Q8_0, values F16): the faster on CPU while contexts are short
     /// (under some 500 tokens: 25-40% more tokens per second at 16 sequences); the plain
-    /// attention (keys and values F16) is the faster past that (a 1,000-token prompt computes
-    /// ~1.6× as fast, and decoding at that length ~1.3× as fast). Both are batch-invariant.
+    /// attention (keys and values F16) is the faster past that (a 1,000-token prompt computed
+    /// ~1.6× as fast, and decoding at that length ~1.3× as fast, against flash attention with
+    /// the F16/BF16 cache it had before; Q8_0 keys took back ~17% and ~13% of that, see
+    /// `docs/benchmarks.md`). Both are batch-invariant.
     pub flash_attention: bool,
 }
 
