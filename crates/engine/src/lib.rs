@@ -5,6 +5,7 @@
 //! [`Event`]s from the returned [`GenerationStream`]; dropping the stream cancels the generation
 //! and frees its sequences at the next forward step.
 
+mod admission;
 mod grammar;
 mod kvmem;
 mod model;
@@ -16,6 +17,7 @@ mod text;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use grammar::{Constraint, Grammar, GrammarError};
 pub use sampling::{log_probs, SamplingParams};
@@ -44,6 +46,10 @@ pub struct EngineConfig {
     pub threads: Option<u32>,
     /// Requests that may wait for a sequence before new ones are refused.
     pub max_queue: usize,
+    /// Longest expected wait for a sequence before a new request is refused, estimated from
+    /// the measured cost of forward steps and the size of recent requests (see
+    /// [`Engine::expected_wait`]); `None`: only `max_queue` bounds the queue.
+    pub max_queue_wait: Option<Duration>,
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
     /// Flash attention (keys Q8_0, values F16): the faster on CPU while contexts are short
@@ -64,6 +70,7 @@ impl Default for EngineConfig {
             batch_size: 512,
             threads: None,
             max_queue: 256,
+            max_queue_wait: Some(Duration::from_secs(30)),
             prefix_cache: true,
             flash_attention: true,
         }
@@ -185,6 +192,18 @@ pub enum SubmitError {
     /// Too many requests are waiting already.
     #[error("the queue of model requests is full")]
     QueueFull,
+    /// The request would wait longer than the engine's `max_queue_wait`.
+    #[error(
+        "a new request would wait about {} s for the model (the limit is {} s)",
+        expected.as_secs_f64().ceil(),
+        limit.as_secs_f64()
+    )]
+    WaitTooLong {
+        /// The estimated wait.
+        expected: Duration,
+        /// The configured limit.
+        limit: Duration,
+    },
     /// The prompt alone fills the context.
     #[error("prompt of {prompt} tokens exceeds the context length of {context}")]
     ContextLengthExceeded {
@@ -284,6 +303,22 @@ impl GenerationStream {
     }
 }
 
+/// A place held in an engine's queue (see [`Engine::reserve`]); given back when dropped
+/// unless a generation took it.
+#[derive(Debug)]
+pub struct Place {
+    gauges: Arc<Gauges>,
+    held: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.held {
+            self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Load figures, read without locking.
 #[derive(Debug, Default)]
 pub(crate) struct Gauges {
@@ -303,6 +338,8 @@ pub(crate) struct Gauges {
     pub cached_cells: AtomicUsize,
     /// Streams that ever ran a sequence (their memory is resident).
     pub warm_streams: AtomicUsize,
+    /// The measured pace of the engine, for admission by expected wait.
+    pub pace: admission::Pace,
 }
 
 /// A snapshot of an engine's load, for metrics.
@@ -328,6 +365,9 @@ pub struct LoadStats {
     /// Prompt tokens of admitted requests, and of those, reused from the prefix cache.
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
+    /// How long a request arriving now would wait for a sequence, by the engine's estimate
+    /// (`None` until it has measured its steps).
+    pub expected_wait: Option<Duration>,
 }
 
 /// A loaded model and the thread that runs it.
@@ -337,6 +377,8 @@ pub struct Engine {
     commands: std::sync::mpsc::Sender<scheduler::Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     max_queue: usize,
+    max_queue_wait: Option<Duration>,
+    batch_size: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -359,6 +401,8 @@ impl Engine {
             commands,
             thread: Some(thread),
             max_queue: config.max_queue,
+            max_queue_wait: config.max_queue_wait,
+            batch_size: config.batch_size as usize,
         })
     }
 
@@ -404,9 +448,32 @@ impl Engine {
         self.gauges.queued.load(Ordering::Relaxed)
     }
 
-    /// Whether the queue is full (a new generation would be refused).
-    pub fn is_full(&self) -> bool {
-        self.gauges.queued.load(Ordering::Relaxed) >= self.max_queue
+    /// Why a new generation of the usual size would be refused now, if it would.
+    pub fn refusal(&self) -> Option<SubmitError> {
+        let queued = self.gauges.queued.load(Ordering::Relaxed);
+        if queued >= self.max_queue {
+            return Some(SubmitError::QueueFull);
+        }
+        let limit = self.max_queue_wait?;
+        let expected = self.wait_for(queued, (0, 0)).filter(|w| *w > limit)?;
+        Some(SubmitError::WaitTooLong { expected, limit })
+    }
+
+    /// How long a request arriving now would wait for a sequence: one sequence frees, on
+    /// average, every time the engine has done the work of one request (measured step costs
+    /// and the size of recent requests), and the request waits for as many as are queued ahead
+    /// of it beyond the free sequences. `None` until the engine has timed its steps.
+    pub fn expected_wait(&self) -> Option<Duration> {
+        self.wait_for(self.gauges.queued.load(Ordering::Relaxed), (0, 0))
+    }
+
+    /// The expected wait with `queued` requests ahead; `own`: the new request's prompt and
+    /// output tokens (per choice), the size assumed until some request has been submitted.
+    fn wait_for(&self, queued: usize, own: (usize, usize)) -> Option<Duration> {
+        let sequences = self.model.info.max_sequences as usize;
+        self.gauges
+            .pace
+            .wait(queued, sequences, self.batch_size, own)
     }
 
     /// Whether the engine thread is still running (it is not after a fault).
@@ -431,6 +498,7 @@ impl Engine {
             prefix_hits: g.hits.load(Ordering::Relaxed),
             prompt_tokens: g.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: g.cached_tokens.load(Ordering::Relaxed),
+            expected_wait: self.expected_wait(),
         }
     }
 
@@ -439,8 +507,42 @@ impl Engine {
         self.gauges.running.load(Ordering::Relaxed)
     }
 
-    /// Queues a generation. Fails at once when the queue is full or the prompt cannot fit.
+    /// Reserves a place in the queue for a request of about `prompt` tokens that may generate
+    /// `output` tokens a choice, before its prompt is templated and tokenized, so that a
+    /// burst is refused at the door. Fails at once when the queue is full or when the request
+    /// would wait longer than `max_queue_wait`. The place is given back when dropped unless
+    /// [`submit_in`](Self::submit_in) takes it.
+    pub fn reserve(&self, prompt: usize, output: usize) -> Result<Place, SubmitError> {
+        let queued = self.gauges.queued.fetch_add(1, Ordering::AcqRel);
+        let place = Place {
+            gauges: self.gauges.clone(),
+            held: true,
+        };
+        if queued >= self.max_queue {
+            return Err(SubmitError::QueueFull);
+        }
+        if let Some(limit) = self.max_queue_wait {
+            if let Some(expected) = self
+                .wait_for(queued, (prompt, output))
+                .filter(|w| *w > limit)
+            {
+                return Err(SubmitError::WaitTooLong { expected, limit });
+            }
+        }
+        Ok(place)
+    }
+
+    /// Queues a generation. Fails at once when the queue is full, when the generation would
+    /// wait longer than `max_queue_wait`, or when the prompt cannot fit.
     pub fn submit(&self, generation: Generation) -> Result<GenerationStream, SubmitError> {
+        let (prompt, output) = self.size(&generation)?;
+        let place = self.reserve(prompt, output)?;
+        self.submit_in(place, generation)
+    }
+
+    /// The prompt tokens and most output tokens (a choice) of `generation`, or why it cannot
+    /// run.
+    fn size(&self, generation: &Generation) -> Result<(usize, usize), SubmitError> {
         let prompt = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
         if prompt == 0 {
             return Err(SubmitError::EmptyPrompt);
@@ -449,12 +551,20 @@ impl Engine {
         if prompt >= context {
             return Err(SubmitError::ContextLengthExceeded { prompt, context });
         }
-        // Reserve a place in the queue; the scheduler gives it back on admission.
-        let queued = self.gauges.queued.fetch_add(1, Ordering::AcqRel);
-        if queued >= self.max_queue {
-            self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(SubmitError::QueueFull);
-        }
+        let room = context - prompt;
+        let output = generation.max_tokens.map_or(room, |m| m.min(room));
+        Ok((prompt as usize, output as usize))
+    }
+
+    /// Queues a generation in a place reserved by [`reserve`](Self::reserve).
+    pub fn submit_in(
+        &self,
+        mut place: Place,
+        generation: Generation,
+    ) -> Result<GenerationStream, SubmitError> {
+        let (prompt, output) = self.size(&generation)?;
+        // The first request's size stands for the usual one until requests finish.
+        self.gauges.pace.seed(prompt, output);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (tally_tx, tally) = tokio::sync::oneshot::channel();
         let guard = Arc::new(TallyGuard {
@@ -470,9 +580,10 @@ impl Engine {
             ))))
             .is_err()
         {
-            self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
+        // The scheduler gives the place back when it admits the generation.
+        place.held = false;
         Ok(GenerationStream {
             rx,
             tally: Some(tally),

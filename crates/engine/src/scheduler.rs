@@ -41,6 +41,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::admission::{self, StepCost};
 use crate::kvmem;
 use crate::model::{backend, LoadedModel};
 use crate::sampling::{log_probs, Sampler};
@@ -112,10 +113,12 @@ pub(crate) fn start(
             // The KV cache, zeroed by llama.cpp, stays reserved but not resident until used.
             let released = kvmem::release_zeroed(&before);
             tracing::debug!(released_mib = released >> 20, "zeroed KV memory given back");
-            let _ = ready_tx.send(Ok(()));
             // However the loop ends, a panic included, the engine reports itself stopped.
             let _stopped = StoppedOnDrop(gauges.clone());
             let mut s = Scheduler::new(&model, ctx, &config, gauges);
+            // Admission by expected wait needs the step costs from the first request on.
+            s.calibrate();
+            let _ = ready_tx.send(Ok(()));
             s.run(&rx);
         })
         .map_err(|e| EngineError::Context(e.to_string()))?;
@@ -197,6 +200,9 @@ struct Slot {
     /// the cells written to it, by a sequence or by a copy).
     touched: bool,
 }
+
+/// Token rows of the larger calibration pass at start-up (see `Scheduler::calibrate`).
+const CALIBRATION_ROWS: usize = 32;
 
 /// Streams kept warm for the prefix cache before a new one is touched only when every warm one
 /// is busy: resident memory follows the concurrency a server has seen, while a few
@@ -315,6 +321,11 @@ struct Scheduler<'m> {
     /// Whether the KV state of generated tokens is reused too (see `reusable`).
     reuse_generated: bool,
     tick: u64,
+    /// Forward passes and token rows of the step under way, and the fit of step times.
+    step_passes: usize,
+    step_rows: usize,
+    cost: StepCost,
+    steps: u64,
 }
 
 impl<'m> Scheduler<'m> {
@@ -343,6 +354,48 @@ impl<'m> Scheduler<'m> {
             prefix_cache: config.prefix_cache,
             reuse_generated: config.flash_attention,
             tick: 0,
+            step_passes: 0,
+            step_rows: 0,
+            cost: StepCost::default(),
+            steps: 0,
+        }
+    }
+
+    /// Times a pass of one token row and one of [`CALIBRATION_ROWS`] (after one of each,
+    /// untimed, that fault in the weights and the compute buffers) on the first stream, then
+    /// forgets them: the first estimate of the step costs, refined by every step that follows.
+    fn calibrate(&mut self) {
+        let rows = CALIBRATION_ROWS.min(self.batch_size + self.slots.len());
+        let mut pos = 0;
+        for (n, timed) in [(1, false), (rows, false), (1, true), (rows, true)] {
+            self.batch.clear();
+            for i in 0..n {
+                if self
+                    .batch
+                    .add(LlamaToken(0), (pos + i) as i32, &[0], i + 1 == n)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let started = std::time::Instant::now();
+            if self.ctx.decode(&mut self.batch).is_err() {
+                break;
+            }
+            if timed {
+                self.cost.observe(1, n, started.elapsed().as_secs_f64());
+            }
+            pos += n;
+        }
+        self.batch.clear();
+        let _ = self.ctx.clear_kv_cache_seq(Some(0), None, None);
+        if let Some(c) = self.cost.coefficients() {
+            tracing::debug!(
+                per_pass_us = (c.0 * 1e6) as u64,
+                per_row_us = (c.1 * 1e6) as u64,
+                "step costs calibrated"
+            );
+            self.gauges.pace.set_costs(c);
         }
     }
 
@@ -375,14 +428,90 @@ impl<'m> Scheduler<'m> {
             self.admit();
             self.compact();
             self.publish();
+            self.publish_releases();
             if self.seqs.is_empty() {
                 continue;
             }
+            let started = std::time::Instant::now();
+            (self.step_passes, self.step_rows) = (0, 0);
             if let Err(message) = self.step() {
                 tracing::error!(%message, "engine step failed");
                 self.fail_all(&message);
+                continue;
+            }
+            self.cost.observe(
+                self.step_passes,
+                self.step_rows,
+                started.elapsed().as_secs_f64(),
+            );
+            if let Some(c) = self.cost.coefficients() {
+                self.gauges.pace.set_costs(c);
+                self.steps += 1;
+                if self.steps.is_multiple_of(256) {
+                    tracing::debug!(
+                        per_pass_us = (c.0 * 1e6) as u64,
+                        per_row_us = (c.1 * 1e6) as u64,
+                        "step costs"
+                    );
+                }
             }
         }
+    }
+
+    /// Publishes when each running sequence should end (for admission by expected wait): its
+    /// prompt still to compute and its tokens still to generate, at the measured step costs with
+    /// every sequence decoding. A sequence that cannot end before its limit (`ignore_eos`, no
+    /// stop strings, no grammar) runs to it; any other is expected to take the usual output
+    /// (within its limit), and one past that is given half of it again.
+    fn publish_releases(&self) {
+        let pace = &self.gauges.pace;
+        let (Some(costs), Some((_, usual))) = (pace.costs(), pace.usual()) else {
+            return;
+        };
+        let sequences = self.slots.len();
+        let ends = self
+            .seqs
+            .iter()
+            .filter(|s| !s.done)
+            .map(|s| {
+                let req = self.active.iter().find(|r| r.id == s.request);
+                let cap = req
+                    .and_then(|r| r.generation.max_tokens)
+                    .map_or(self.context_length, |m| m as usize)
+                    .min(self.context_length.saturating_sub(s.prompt_len))
+                    as f64;
+                let generated = f64::from(s.generated);
+                // Without an end of generation or a stop string it runs to its limit.
+                let to_limit = req.is_some_and(|r| {
+                    r.generation.ignore_eos
+                        && r.generation.stop.is_empty()
+                        && r.generation.grammar.is_none()
+                });
+                let expected = if to_limit { cap } else { cap.min(usual) };
+                let left = if generated < expected {
+                    expected - generated
+                } else {
+                    (cap - generated).min(usual / 2.0).max(1.0)
+                };
+                let prompt = if s.leader.is_some() {
+                    0
+                } else {
+                    s.prompt_len.saturating_sub(s.n_past)
+                };
+                let share =
+                    admission::share(costs, sequences, self.batch_size, prompt as f64, left);
+                sequences as f64 * share
+            })
+            .collect::<Vec<f64>>();
+        tracing::trace!(
+            running = ends.len(),
+            first = ends.iter().copied().reduce(f64::min),
+            last = ends.iter().copied().reduce(f64::max),
+            per_row = costs.1,
+            usual,
+            "releases"
+        );
+        pace.set_releases(ends);
     }
 
     /// Publishes the load figures the metrics read.
@@ -911,6 +1040,8 @@ impl<'m> Scheduler<'m> {
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| e.to_string())?;
+        self.step_passes += 1;
+        self.step_rows += self.batch.n_tokens() as usize;
         tracing::trace!(
             what,
             tokens = self.batch.n_tokens(),
@@ -1247,7 +1378,21 @@ impl<'m> Scheduler<'m> {
                 }
             }
         }
-        self.active.retain(|r| r.finished < r.generation.n);
+        let pace = &self.gauges.pace;
+        self.active.retain(|r| {
+            let open = r.finished < r.generation.n;
+            if !open {
+                // Its size, for the estimate of how long the queue takes to move.
+                let cached = r.tally.cached_tokens.load(Ordering::Acquire) as usize;
+                let output = r.tally.completion_tokens.load(Ordering::Acquire) as usize;
+                let choices = r.generation.n.max(1) as usize;
+                pace.finished(
+                    r.generation.prompt.len().saturating_sub(cached),
+                    output / choices,
+                );
+            }
+            open
+        });
     }
 
     fn fail_all(&mut self, message: &str) {

@@ -99,6 +99,8 @@ pub struct EngineSection {
     pub threads: Option<u32>,
     /// Requests that may wait before 503.
     pub max_queue: Option<usize>,
+    /// Longest expected wait in seconds before 503 (0: no limit but `max_queue`).
+    pub max_queue_wait_seconds: Option<f64>,
     /// Reuse the KV state of earlier prompts (default: on).
     pub prefix_cache: Option<bool>,
     /// Flash attention (default: on; off is faster for long contexts, see the engine's docs).
@@ -115,6 +117,7 @@ impl EngineSection {
             batch_size: self.batch_size.or(other.batch_size),
             threads: self.threads.or(other.threads),
             max_queue: self.max_queue.or(other.max_queue),
+            max_queue_wait_seconds: self.max_queue_wait_seconds.or(other.max_queue_wait_seconds),
             prefix_cache: self.prefix_cache.or(other.prefix_cache),
             flash_attention: self.flash_attention.or(other.flash_attention),
         }
@@ -130,6 +133,14 @@ impl EngineSection {
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             threads: self.threads.or(d.threads),
             max_queue: self.max_queue.unwrap_or(d.max_queue),
+            max_queue_wait: match self.max_queue_wait_seconds {
+                None => d.max_queue_wait,
+                Some(0.0) => None,
+                Some(s) => Some(
+                    std::time::Duration::try_from_secs_f64(s)
+                        .map_err(|_| anyhow::anyhow!("max_queue_wait_seconds must be 0 or more"))?,
+                ),
+            },
             prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
             flash_attention: self.flash_attention.unwrap_or(d.flash_attention),
         };
@@ -272,12 +283,33 @@ mod tests {
         let b = EngineSection {
             threads: Some(4),
             max_queue: Some(9),
+            max_queue_wait_seconds: Some(2.5),
             ..Default::default()
         };
         let c = a.or(&b).build().ok();
         assert_eq!(
-            c.as_ref().map(|c| (c.threads, c.max_queue)),
-            Some((Some(1), 9))
+            c.as_ref()
+                .map(|c| (c.threads, c.max_queue, c.max_queue_wait)),
+            Some((Some(1), 9, Some(std::time::Duration::from_millis(2500))))
+        );
+        // 0 turns the bound off; a negative wait is an error.
+        let off = EngineSection {
+            max_queue_wait_seconds: Some(0.0),
+            ..Default::default()
+        };
+        assert_eq!(off.build().ok().map(|c| c.max_queue_wait), Some(None));
+        assert!(EngineSection {
+            max_queue_wait_seconds: Some(-1.0),
+            ..Default::default()
+        }
+        .build()
+        .is_err());
+        assert_eq!(
+            EngineSection::default()
+                .build()
+                .ok()
+                .map(|c| c.max_queue_wait),
+            Some(Some(std::time::Duration::from_secs(30)))
         );
         assert!(EngineSection {
             max_sequences: Some(0),

@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// Requests that may wait for a sequence before new ones get 503 [default: 256].
     #[arg(long, env = "PARLANCE_MAX_QUEUE")]
     max_queue: Option<usize>,
+    /// Refuse (503) a request whose estimated wait for the model exceeds this many seconds,
+    /// estimated from the measured speed and recent requests; 0: no limit but --max-queue
+    /// [default: 30].
+    #[arg(long, env = "PARLANCE_MAX_QUEUE_WAIT", value_name = "SECONDS")]
+    max_queue_wait: Option<f64>,
     /// Turn off the prefix cache (every prompt is computed in full).
     #[arg(long, env = "PARLANCE_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
@@ -158,6 +163,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         threads: args.threads,
         max_queue: args.max_queue,
+        max_queue_wait_seconds: args.max_queue_wait,
         prefix_cache: args.no_prefix_cache.then_some(false),
         flash_attention: args.no_flash_attention.then_some(false),
     };

@@ -182,7 +182,15 @@ fn long_stream() -> Value {
 
 #[tokio::test]
 async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
-    let s = Server::start(&["--max-sequences", "1", "--max-queue", "1"]);
+    // The count bound alone (no bound on the expected wait, which A's 2,000 tokens exceed).
+    let s = Server::start(&[
+        "--max-sequences",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-queue-wait",
+        "0",
+    ]);
     // A occupies the only sequence; B waits in the only queue place.
     let a = client()
         .post(s.url("/v1/chat/completions"))
@@ -225,6 +233,57 @@ async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
         .expect("B never ran: A was not cancelled")
         .unwrap();
     assert_eq!(b.status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_that_would_wait_too_long_is_refused_at_once() {
+    // One sequence, busy with 2,000 tokens: whatever the machine, the next request would wait
+    // far longer than a second for it, so it is refused at once rather than queued.
+    let s = Server::start(&["--max-sequences", "1", "--max-queue-wait", "1"]);
+    let a = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&long_stream())
+        .send()
+        .await
+        .unwrap();
+    let a = read_chunks(a, 3).await;
+    let metrics = client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let wait: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("parlance_queue_wait_expected_seconds{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no expected-wait gauge in\n{metrics}"));
+    assert!(wait > 1.0, "expected wait behind 2,000 tokens: {wait} s");
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 3});
+    // Refused, not queued (a queued request would have waited for A and got 200).
+    let (status, headers, v) = post(&s, &body).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(v["error"]["code"], "overloaded");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("would wait about"), "{message}");
+    assert_envelope(&v);
+    // Once A is gone the same request runs.
+    drop(a);
+    let mut ok = false;
+    for _ in 0..100 {
+        let (status, _, _) = post(&s, &body).await;
+        if status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the request was still refused after A was cancelled");
 }
 
 #[tokio::test]

@@ -326,8 +326,13 @@ impl Platform {
         };
         // A full queue refuses at once, before templating and tokenizing, for callers that no
         // quota could refuse first (a 429 always comes before a 503).
-        if principal.limits.is_unlimited() && entry.provider.saturated() {
-            let e = ApiError::Overloaded("the model's queue is full".into());
+        let saturated = principal
+            .limits
+            .is_unlimited()
+            .then(|| entry.provider.saturated())
+            .flatten();
+        if let Some(why) = saturated {
+            let e = ApiError::Overloaded(why);
             if let Some(t) = self.meter.ticket(closing(0, tags)) {
                 meter::refused(t, &e);
             }

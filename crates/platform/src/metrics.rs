@@ -393,6 +393,20 @@ impl Collector for Load {
                 .collect();
             family(&mut encoder, name, help, &rows)?;
         }
+        let waits: Vec<_> = engines
+            .iter()
+            .filter_map(|(l, e)| {
+                let w = e.expected_wait?;
+                Some((l.clone(), ConstGauge::new(w.as_secs_f64())))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "queue_wait_expected_seconds",
+            "How long a request arriving now would wait for a sequence, by the local model's \
+             estimate; past max_queue_wait new requests get 503.",
+            &waits,
+        )?;
         let counters: [(&str, &str, Read); 4] = [
             (
                 "prefix_cache_lookups",

@@ -162,11 +162,11 @@ pub trait ChatProvider: Send + Sync {
     fn fingerprint(&self) -> String;
     /// Whether it can take work now.
     fn ready(&self) -> bool;
-    /// Whether its queue is full right now, so that a new request would be refused with 503:
-    /// asked before a request is templated and tokenized, so that refusals under overload cost
-    /// next to nothing.
-    fn saturated(&self) -> bool {
-        false
+    /// Why a new request would be refused with 503 right now (its queue is full, or the wait
+    /// would be too long), if it would: asked before a request is templated and tokenized, so
+    /// that refusals under overload cost next to nothing.
+    fn saturated(&self) -> Option<String> {
+        None
     }
     /// Figures for metrics (none by default).
     fn stats(&self) -> ProviderStats {

@@ -11,7 +11,7 @@ use parlance_api::chat::{
 };
 use parlance_api::{ApiError, ChatRequest, FinishReason, Usage};
 use parlance_engine::{
-    Constraint, Engine, Event, Generation, SamplingParams, SubmitError, ThinkBudget,
+    Constraint, Engine, Event, Generation, Place, SamplingParams, SubmitError, ThinkBudget,
 };
 
 use crate::thinking::ThinkSplitter;
@@ -21,12 +21,33 @@ use crate::{tools, ChatEvent, ChatProvider, ChatStream, PreparedChat, Tally};
 #[derive(Debug, Clone)]
 pub struct LocalProvider {
     engine: Arc<Engine>,
+    /// Tokens of the templated prompt of one empty user message (the template's own text: a
+    /// default system prompt, role markers, the generation prompt).
+    template_tokens: usize,
 }
 
 impl LocalProvider {
     /// Wraps a loaded engine.
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        let empty = [serde_json::json!({"role": "user", "content": ""})];
+        let template_tokens = engine
+            .apply_chat_template(&empty, None, true)
+            .map_or(0, |text| engine.tokenize(&text).len());
+        Self {
+            engine,
+            template_tokens,
+        }
+    }
+
+    /// A quick guess at the prompt tokens of `request`, before templating and tokenizing: the
+    /// template's own tokens, four bytes a token of text, and a few tokens a message.
+    fn prompt_guess(&self, request: &ChatRequest) -> usize {
+        let text: usize = request
+            .messages
+            .iter()
+            .map(|m| m.content.as_ref().map_or(0, String::len) / 4 + 4)
+            .sum();
+        self.template_tokens + text
     }
 
     /// The engine, for gauges.
@@ -400,8 +421,8 @@ impl ChatProvider for LocalProvider {
         self.engine.is_alive()
     }
 
-    fn saturated(&self) -> bool {
-        self.engine.is_full()
+    fn saturated(&self) -> Option<String> {
+        self.engine.refusal().as_ref().map(overload_reason)
     }
 
     fn stats(&self) -> crate::ProviderStats {
@@ -412,6 +433,14 @@ impl ChatProvider for LocalProvider {
     }
 
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
+        // A place in the queue first, so that a burst past what the model can serve in time
+        // is refused before any templating and tokenizing (by a guess at the size).
+        let context = self.engine.info().context_length;
+        let output = request.max_tokens.unwrap_or(context / 2).min(context) as usize;
+        let place = self
+            .engine
+            .reserve(self.prompt_guess(request), output)
+            .map_err(submit_error)?;
         let engine = self.engine.clone();
         let req = request.clone();
         // Templating and tokenizing are CPU work: keep them off the async runtime.
@@ -419,6 +448,7 @@ impl ChatProvider for LocalProvider {
             .await
             .map_err(|_| ApiError::Internal)??;
         Ok(Box::new(LocalPrepared {
+            place,
             engine: self.engine.clone(),
             generation,
             think,
@@ -430,6 +460,8 @@ impl ChatProvider for LocalProvider {
 
 /// A templated, tokenized and checked local request, not yet queued.
 struct LocalPrepared {
+    /// Its place in the engine's queue.
+    place: Place,
     engine: Arc<Engine>,
     generation: Generation,
     think: Option<bool>,
@@ -455,6 +487,7 @@ impl PreparedChat for LocalPrepared {
 
     async fn start(self: Box<Self>) -> Result<ChatStream, ApiError> {
         let LocalPrepared {
+            place,
             engine,
             generation,
             think,
@@ -464,18 +497,7 @@ impl PreparedChat for LocalPrepared {
         let prompt_tokens = generation.prompt.len() as u32;
         let n = generation.n;
         let stops = generation.stop.clone();
-        let mut events = engine.submit(generation).map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::Overloaded("the model's queue is full".into()),
-            SubmitError::ContextLengthExceeded { prompt, context } => {
-                ApiError::ContextLengthExceeded {
-                    prompt,
-                    context,
-                    completion: None,
-                }
-            }
-            SubmitError::EmptyPrompt => ApiError::invalid("messages", "The prompt is empty."),
-            SubmitError::Stopped => ApiError::NotReady("The model is shutting down.".into()),
-        })?;
+        let mut events = engine.submit_in(place, generation).map_err(submit_error)?;
         let tally = events.tally().map(|rx| {
             let (tx, out) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
@@ -545,5 +567,29 @@ impl PreparedChat for LocalPrepared {
             events: Box::pin(events),
             tally,
         })
+    }
+}
+
+/// Why the engine refuses work under load, for the 503's message.
+fn overload_reason(e: &SubmitError) -> String {
+    match e {
+        SubmitError::QueueFull => "the model's queue is full".into(),
+        e => e.to_string(),
+    }
+}
+
+/// The API error for a generation the engine would not take.
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        e @ (SubmitError::QueueFull | SubmitError::WaitTooLong { .. }) => {
+            ApiError::Overloaded(overload_reason(&e))
+        }
+        SubmitError::ContextLengthExceeded { prompt, context } => ApiError::ContextLengthExceeded {
+            prompt,
+            context,
+            completion: None,
+        },
+        SubmitError::EmptyPrompt => ApiError::invalid("messages", "The prompt is empty."),
+        SubmitError::Stopped => ApiError::NotReady("The model is shutting down.".into()),
     }
 }

@@ -192,8 +192,12 @@ impl ChatProvider for Routed {
         self.deployments.iter().any(|d| d.provider.ready())
     }
 
-    fn saturated(&self) -> bool {
-        self.deployments.iter().all(|d| d.provider.saturated())
+    fn saturated(&self) -> Option<String> {
+        let mut why = None;
+        for d in self.deployments.iter() {
+            why = Some(d.provider.saturated()?);
+        }
+        why
     }
 
     fn stats(&self) -> crate::ProviderStats {
