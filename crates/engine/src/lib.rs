@@ -303,7 +303,7 @@ impl GenerationStream {
     }
 }
 
-/// A place held in an engine's queue (see [`Engine::reserve`]); given back when dropped
+/// A place held in an engine's queue (see [`Engine::hold`]); given back when dropped
 /// unless a generation took it.
 #[derive(Debug)]
 pub struct Place {
@@ -507,37 +507,22 @@ impl Engine {
         self.gauges.running.load(Ordering::Relaxed)
     }
 
-    /// Reserves a place in the queue for a request of about `prompt` tokens that may generate
-    /// `output` tokens a choice, before its prompt is templated and tokenized, so that a
-    /// burst is refused at the door. Fails at once when the queue is full or when the request
-    /// would wait longer than `max_queue_wait`. The place is given back when dropped unless
-    /// [`submit_in`](Self::submit_in) takes it.
-    pub fn reserve(&self, prompt: usize, output: usize) -> Result<Place, SubmitError> {
-        let queued = self.gauges.queued.fetch_add(1, Ordering::AcqRel);
-        let place = Place {
+    /// Holds a place in the queue for a request about to be templated and tokenized, so that
+    /// requests being prepared count as queued for the next arrivals' checks
+    /// ([`refusal`](Self::refusal)). It is given back when dropped unless
+    /// [`submit_in`](Self::submit_in) takes it; the bounds are checked there.
+    pub fn hold(&self) -> Place {
+        self.gauges.queued.fetch_add(1, Ordering::AcqRel);
+        Place {
             gauges: self.gauges.clone(),
             held: true,
-        };
-        if queued >= self.max_queue {
-            return Err(SubmitError::QueueFull);
         }
-        if let Some(limit) = self.max_queue_wait {
-            if let Some(expected) = self
-                .wait_for(queued, (prompt, output))
-                .filter(|w| *w > limit)
-            {
-                return Err(SubmitError::WaitTooLong { expected, limit });
-            }
-        }
-        Ok(place)
     }
 
     /// Queues a generation. Fails at once when the queue is full, when the generation would
     /// wait longer than `max_queue_wait`, or when the prompt cannot fit.
     pub fn submit(&self, generation: Generation) -> Result<GenerationStream, SubmitError> {
-        let (prompt, output) = self.size(&generation)?;
-        let place = self.reserve(prompt, output)?;
-        self.submit_in(place, generation)
+        self.submit_in(self.hold(), generation)
     }
 
     /// The prompt tokens and most output tokens (a choice) of `generation`, or why it cannot
@@ -556,7 +541,9 @@ impl Engine {
         Ok((prompt as usize, output as usize))
     }
 
-    /// Queues a generation in a place reserved by [`reserve`](Self::reserve).
+    /// Queues a generation in a place held by [`hold`](Self::hold). Fails at once when the
+    /// queue is full, when the generation would wait longer than `max_queue_wait`, or when the
+    /// prompt cannot fit.
     pub fn submit_in(
         &self,
         mut place: Place,
@@ -565,6 +552,19 @@ impl Engine {
         let (prompt, output) = self.size(&generation)?;
         // The first request's size stands for the usual one until requests finish.
         self.gauges.pace.seed(prompt, output);
+        // Requests ahead of this one (its own place is counted in `queued`).
+        let ahead = self.gauges.queued.load(Ordering::Acquire).saturating_sub(1);
+        if ahead >= self.max_queue {
+            return Err(SubmitError::QueueFull);
+        }
+        if let Some(limit) = self.max_queue_wait {
+            if let Some(expected) = self
+                .wait_for(ahead, (prompt, output))
+                .filter(|w| *w > limit)
+            {
+                return Err(SubmitError::WaitTooLong { expected, limit });
+            }
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (tally_tx, tally) = tokio::sync::oneshot::channel();
         let guard = Arc::new(TallyGuard {

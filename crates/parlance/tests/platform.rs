@@ -463,7 +463,16 @@ fn count(statuses: &[u16], status: u16) -> usize {
 async fn two_replicas() -> (Server, Server, String) {
     let db = fresh_postgres().await;
     let redis = env_url("PARLANCE_TEST_REDIS_URL");
-    let flags = ["--database-url", &db, "--redis-url", &redis];
+    // Bursts of hundreds of requests: credits and limits refuse them here, not the bound on the
+    // expected wait for the model (which a slow machine could reach).
+    let flags = [
+        "--database-url",
+        &db,
+        "--redis-url",
+        &redis,
+        "--max-queue-wait",
+        "0",
+    ];
     let a = priced_server(&flags);
     let b = priced_server(&flags);
     (a, b, db)

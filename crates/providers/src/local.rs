@@ -21,33 +21,12 @@ use crate::{tools, ChatEvent, ChatProvider, ChatStream, PreparedChat, Tally};
 #[derive(Debug, Clone)]
 pub struct LocalProvider {
     engine: Arc<Engine>,
-    /// Tokens of the templated prompt of one empty user message (the template's own text: a
-    /// default system prompt, role markers, the generation prompt).
-    template_tokens: usize,
 }
 
 impl LocalProvider {
     /// Wraps a loaded engine.
     pub fn new(engine: Arc<Engine>) -> Self {
-        let empty = [serde_json::json!({"role": "user", "content": ""})];
-        let template_tokens = engine
-            .apply_chat_template(&empty, None, true)
-            .map_or(0, |text| engine.tokenize(&text).len());
-        Self {
-            engine,
-            template_tokens,
-        }
-    }
-
-    /// A quick guess at the prompt tokens of `request`, before templating and tokenizing: the
-    /// template's own tokens, four bytes a token of text, and a few tokens a message.
-    fn prompt_guess(&self, request: &ChatRequest) -> usize {
-        let text: usize = request
-            .messages
-            .iter()
-            .map(|m| m.content.as_ref().map_or(0, String::len) / 4 + 4)
-            .sum();
-        self.template_tokens + text
+        Self { engine }
     }
 
     /// The engine, for gauges.
@@ -433,14 +412,9 @@ impl ChatProvider for LocalProvider {
     }
 
     async fn prepare(&self, request: &ChatRequest) -> Result<Box<dyn PreparedChat>, ApiError> {
-        // A place in the queue first, so that a burst past what the model can serve in time
-        // is refused before any templating and tokenizing (by a guess at the size).
-        let context = self.engine.info().context_length;
-        let output = request.max_tokens.unwrap_or(context / 2).min(context) as usize;
-        let place = self
-            .engine
-            .reserve(self.prompt_guess(request), output)
-            .map_err(submit_error)?;
+        // A place in the queue while the prompt is templated and tokenized: the requests of a
+        // burst count for the next arrivals' check before any of that work (`saturated`).
+        let place = self.engine.hold();
         let engine = self.engine.clone();
         let req = request.clone();
         // Templating and tokenizing are CPU work: keep them off the async runtime.
