@@ -105,19 +105,14 @@ impl Pace {
     /// Folds a finished sequence's computed prompt tokens and generated tokens into the
     /// averages (by the scheduler; a race with `seed` only loses an early estimate).
     pub(crate) fn finished(&self, prompt: usize, output: usize) {
+        self.seed(prompt, output);
         let (p, o) = (prompt as f64, output as f64);
-        let mean_o = load(&self.mean_output);
-        if mean_o == 0.0 {
-            store(&self.mean_prompt, p);
-            store(&self.mean_output, o.max(1.0));
-        } else {
-            let mean_p = load(&self.mean_prompt);
-            store(&self.mean_prompt, mean_p + SIZE_WEIGHT * (p - mean_p));
-            store(
-                &self.mean_output,
-                (mean_o + SIZE_WEIGHT * (o - mean_o)).max(1.0),
-            );
-        }
+        let (mean_p, mean_o) = (load(&self.mean_prompt), load(&self.mean_output));
+        store(&self.mean_prompt, mean_p + SIZE_WEIGHT * (p - mean_p));
+        store(
+            &self.mean_output,
+            (mean_o + SIZE_WEIGHT * (o - mean_o)).max(1.0),
+        );
     }
 
     /// Takes a submitted request's size (per sequence) as the usual one while none has

@@ -450,19 +450,28 @@ impl Engine {
 
     /// Why a new generation of the usual size would be refused now, if it would.
     pub fn refusal(&self) -> Option<SubmitError> {
-        let queued = self.gauges.queued.load(Ordering::Relaxed);
-        if queued >= self.max_queue {
-            return Some(SubmitError::QueueFull);
-        }
-        let limit = self.max_queue_wait?;
-        let expected = self.wait_for(queued, (0, 0)).filter(|w| *w > limit)?;
-        Some(SubmitError::WaitTooLong { expected, limit })
+        self.admissible(self.gauges.queued.load(Ordering::Relaxed), (0, 0))
+            .err()
     }
 
-    /// How long a request arriving now would wait for a sequence: one sequence frees, on
-    /// average, every time the engine has done the work of one request (measured step costs
-    /// and the size of recent requests), and the request waits for as many as are queued ahead
-    /// of it beyond the free sequences. `None` until the engine has timed its steps.
+    /// Whether a generation with `ahead` requests queued before it is within both bounds;
+    /// `own`: its prompt and output tokens (see [`wait_for`](Self::wait_for)).
+    fn admissible(&self, ahead: usize, own: (usize, usize)) -> Result<(), SubmitError> {
+        if ahead >= self.max_queue {
+            return Err(SubmitError::QueueFull);
+        }
+        let Some(limit) = self.max_queue_wait else {
+            return Ok(());
+        };
+        match self.wait_for(ahead, own) {
+            Some(expected) if expected > limit => Err(SubmitError::WaitTooLong { expected, limit }),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long a request arriving now would wait for a sequence, from the measured step
+    /// costs, the usual request size and when each running sequence should end (see the
+    /// `admission` module). `None` until the engine has timed its steps.
     pub fn expected_wait(&self) -> Option<Duration> {
         self.wait_for(self.gauges.queued.load(Ordering::Relaxed), (0, 0))
     }
@@ -554,17 +563,7 @@ impl Engine {
         self.gauges.pace.seed(prompt, output);
         // Requests ahead of this one (its own place is counted in `queued`).
         let ahead = self.gauges.queued.load(Ordering::Acquire).saturating_sub(1);
-        if ahead >= self.max_queue {
-            return Err(SubmitError::QueueFull);
-        }
-        if let Some(limit) = self.max_queue_wait {
-            if let Some(expected) = self
-                .wait_for(ahead, (prompt, output))
-                .filter(|w| *w > limit)
-            {
-                return Err(SubmitError::WaitTooLong { expected, limit });
-            }
-        }
+        self.admissible(ahead, (prompt, output))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (tally_tx, tally) = tokio::sync::oneshot::channel();
         let guard = Arc::new(TallyGuard {

@@ -175,6 +175,17 @@ async fn read_chunks(r: reqwest::Response, count: usize) -> impl Sized {
     stream
 }
 
+/// Starts a 2,000-token stream on `s` and returns it once three chunks have come.
+async fn occupy(s: &Server) -> impl Sized {
+    let a = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&long_stream())
+        .send()
+        .await
+        .unwrap();
+    read_chunks(a, 3).await
+}
+
 fn long_stream() -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
            "max_tokens": 2000, "ignore_eos": true, "stream": true})
@@ -192,13 +203,7 @@ async fn full_queue_is_503_at_once_and_disconnect_frees_capacity() {
         "0",
     ]);
     // A occupies the only sequence; B waits in the only queue place.
-    let a = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&long_stream())
-        .send()
-        .await
-        .unwrap();
-    let a = read_chunks(a, 3).await;
+    let a = occupy(&s).await;
     let b_body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
     let base = s.base.clone();
@@ -240,13 +245,7 @@ async fn a_request_that_would_wait_too_long_is_refused_at_once() {
     // One sequence, busy with 2,000 tokens: whatever the machine, the next request would wait
     // far longer than a second for it, so it is refused at once rather than queued.
     let s = Server::start(&["--max-sequences", "1", "--max-queue-wait", "1"]);
-    let a = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&long_stream())
-        .send()
-        .await
-        .unwrap();
-    let a = read_chunks(a, 3).await;
+    let a = occupy(&s).await;
     let metrics = client()
         .get(s.url("/metrics"))
         .send()
