@@ -92,13 +92,23 @@ impl Server {
         let data = std::env::temp_dir().join(format!("parlance-test-{}", uuid_like()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_parlance"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PARLANCE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("PARLANCE_DATA_DIR", &data)
             .env_remove("PARLANCE_DATABASE_URL")
             .env_remove("PARLANCE_REDIS_URL")
             .env_remove("PARLANCE_ADMIN_TOKEN")
             .envs(env.iter().copied())
             .env_remove("PARLANCE_API_KEYS")
+            // Several servers share these cores while the tests run: llama.cpp's OpenMP threads
+            // then sleep at their barriers instead of spinning against each other (which made a
+            // token take over a second and the suite twice as long).
+            .env(
+                "OMP_WAIT_POLICY",
+                std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
