@@ -59,6 +59,11 @@ pub struct EngineConfig {
     /// the F16/BF16 cache it had before; Q8_0 keys took back ~17% and ~13% of that, see
     /// `docs/benchmarks.md`). Both are batch-invariant.
     pub flash_attention: bool,
+    /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
+    /// estimated from the measured step costs: while any decode, a step computes at most that
+    /// many seconds' worth of prompt rows (at least 16), so a long prompt is spread over steps
+    /// that each give every running stream its next token. `None`: up to `batch_size` rows.
+    pub max_prompt_stall: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +78,7 @@ impl Default for EngineConfig {
             max_queue_wait: Some(Duration::from_secs(30)),
             prefix_cache: true,
             flash_attention: true,
+            max_prompt_stall: Some(Duration::from_millis(250)),
         }
     }
 }

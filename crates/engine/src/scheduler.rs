@@ -23,8 +23,10 @@
 //! computed once, whichever sequence computed them, within the memory the KV streams already
 //! have (least recently used slots are overwritten first).
 //! 4. Decode one token for every decoding sequence in one pass; then prompt chunks with what is
-//!    left of `batch_size` (chunked prefill, so a long prompt never stalls running streams), the
-//!    chunks of sequences with consecutive ids and equal sizes together in one pass.
+//!    left of `batch_size`, the chunks of sequences with consecutive ids and equal sizes together
+//!    in one pass. While sequences decode, a step's prompt rows are also bounded by
+//!    `max_prompt_stall` (by the measured cost of a row), so a long prompt is computed over many
+//!    steps, each of which gives every running stream its next token (chunked prefill).
 //! 5. After each pass, sample each sequence that has logits; stream its text; finish it on end of
 //!    turn, a stop string, `max_tokens` or the context length, and free its sequence id.
 
@@ -242,6 +244,10 @@ const MIN_WAIT: usize = 32;
 /// same however it was split, cached or not (tested to the last bit of the log probabilities).
 const MIN_CHUNK: usize = 4;
 
+/// The fewest prompt rows a step computes while sequences decode, however slow the machine or
+/// short `max_prompt_stall`: prompts keep advancing.
+const MIN_STALL_ROWS: usize = 16;
+
 /// A sequence id taken for a prompt: the id, how many prompt tokens its stream already holds,
 /// and, if it is to copy them from a sequence still computing them, that sequence and how many.
 type Taken = (i32, usize, Option<(i32, usize)>);
@@ -326,6 +332,11 @@ struct Scheduler<'m> {
     step_rows: usize,
     cost: StepCost,
     steps: u64,
+    /// Longest a step's prompt chunks should hold decoding sequences (`max_prompt_stall`).
+    max_stall: Option<std::time::Duration>,
+    /// Most prompt tokens of one sequence computed in one pass during the step under way:
+    /// `batch_size`, or fewer while sequences decode (see `chunk_limit`).
+    chunk: usize,
 }
 
 impl<'m> Scheduler<'m> {
@@ -358,6 +369,8 @@ impl<'m> Scheduler<'m> {
             step_rows: 0,
             cost: StepCost::default(),
             steps: 0,
+            max_stall: config.max_prompt_stall,
+            chunk: config.batch_size as usize,
         }
     }
 
@@ -1054,8 +1067,8 @@ impl<'m> Scheduler<'m> {
     }
 
     /// One forward step: every decoding sequence's next token in one pass, then prompt chunks
-    /// within what is left of `batch_size`, as many sequences' in one pass as can take the
-    /// same number of tokens (`prompt_group`).
+    /// within what is left of `batch_size` (and, while sequences decode, of `chunk_limit`), as
+    /// many sequences' in one pass as can take the same number of tokens (`prompt_group`).
     ///
     /// Decoding and prompts stay in separate passes: llama.cpp splits a batch that mixes
     /// sequences with different token counts into micro-batches of equal counts per sequence,
@@ -1068,7 +1081,8 @@ impl<'m> Scheduler<'m> {
             self.sample_all();
         }
         // Prompt chunks, oldest request first, with neighbours that can take as many tokens.
-        let mut budget = self.batch_size.saturating_sub(decoding);
+        self.chunk = self.chunk_limit(decoding);
+        let mut budget = self.chunk.min(self.batch_size.saturating_sub(decoding));
         let mut prefilled = false;
         while let Some(group) = self.prompt_group(budget, prefilled) {
             prefilled = true;
@@ -1083,9 +1097,25 @@ impl<'m> Scheduler<'m> {
         Ok(())
     }
 
+    /// Most prompt rows of the step while `decoding` sequences decode: `batch_size` when none
+    /// do (or no stall bound is set); otherwise as many as the step costs say fit in
+    /// `max_prompt_stall` (at least `MIN_STALL_ROWS`), so that a long prompt is computed over
+    /// several steps, each of which also gives every decoding sequence its next token.
+    fn chunk_limit(&self, decoding: usize) -> usize {
+        let (Some(stall), true) = (self.max_stall, decoding > 0) else {
+            return self.batch_size;
+        };
+        let Some((per_pass, per_row)) = self.gauges.pace.costs() else {
+            return self.batch_size;
+        };
+        let rows = (stall.as_secs_f64() - per_pass).max(0.0) / per_row;
+        (rows as usize).clamp(MIN_STALL_ROWS, self.batch_size.max(MIN_STALL_ROWS))
+    }
+
     /// How many tokens of its prompt sequence `i` would compute next on its own: the rest, or
-    /// `batch_size` of it, leaving no last chunk shorter than `MIN_CHUNK`. `None` when it has
-    /// none to compute now (decoding, done, or waiting for another's prefix).
+    /// the step's chunk (`batch_size`, less while others decode) of it, leaving no last chunk
+    /// shorter than `MIN_CHUNK`. `None` when it has none to compute now (decoding, done, or
+    /// waiting for another's prefix).
     fn prompt_take(&self, i: usize) -> Option<(usize, usize)> {
         let s = &self.seqs[i];
         let end = s.prompt_len.min(s.tokens.len());
@@ -1093,7 +1123,7 @@ impl<'m> Scheduler<'m> {
             return None;
         }
         let rest = end - s.n_past;
-        let mut take = rest.min(self.batch_size);
+        let mut take = rest.min(self.chunk);
         let left = rest - take;
         if left > 0 && left < MIN_CHUNK {
             take = take.saturating_sub(MIN_CHUNK - left).max(1);

@@ -105,6 +105,9 @@ pub struct EngineSection {
     pub prefix_cache: Option<bool>,
     /// Flash attention (default: on; off is faster for long contexts, see the engine's docs).
     pub flash_attention: Option<bool>,
+    /// Longest a step's prompt chunks hold decoding streams, in milliseconds (default 250;
+    /// 0: prompt chunks up to `batch_size` tokens).
+    pub max_prompt_stall_ms: Option<u64>,
 }
 
 impl EngineSection {
@@ -120,6 +123,7 @@ impl EngineSection {
             max_queue_wait_seconds: self.max_queue_wait_seconds.or(other.max_queue_wait_seconds),
             prefix_cache: self.prefix_cache.or(other.prefix_cache),
             flash_attention: self.flash_attention.or(other.flash_attention),
+            max_prompt_stall_ms: self.max_prompt_stall_ms.or(other.max_prompt_stall_ms),
         }
     }
 
@@ -143,6 +147,11 @@ impl EngineSection {
             },
             prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
             flash_attention: self.flash_attention.unwrap_or(d.flash_attention),
+            max_prompt_stall: match self.max_prompt_stall_ms {
+                None => d.max_prompt_stall,
+                Some(0) => None,
+                Some(ms) => Some(std::time::Duration::from_millis(ms)),
+            },
         };
         if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
             bail!("max_sequences must be between 1 and 256");
@@ -284,14 +293,26 @@ mod tests {
             threads: Some(4),
             max_queue: Some(9),
             max_queue_wait_seconds: Some(2.5),
+            max_prompt_stall_ms: Some(40),
             ..Default::default()
         };
         let c = a.or(&b).build().ok();
         assert_eq!(
             c.as_ref()
-                .map(|c| (c.threads, c.max_queue, c.max_queue_wait)),
-            Some((Some(1), 9, Some(std::time::Duration::from_millis(2500))))
+                .map(|c| (c.threads, c.max_queue, c.max_queue_wait, c.max_prompt_stall)),
+            Some((
+                Some(1),
+                9,
+                Some(std::time::Duration::from_millis(2500)),
+                Some(std::time::Duration::from_millis(40))
+            ))
         );
+        // 0 lets prompt chunks take the whole batch.
+        let whole = EngineSection {
+            max_prompt_stall_ms: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(whole.build().ok().map(|c| c.max_prompt_stall), Some(None));
         // 0 turns the bound off; a negative wait is an error.
         let off = EngineSection {
             max_queue_wait_seconds: Some(0.0),
@@ -310,6 +331,13 @@ mod tests {
                 .ok()
                 .map(|c| c.max_queue_wait),
             Some(Some(std::time::Duration::from_secs(30)))
+        );
+        assert_eq!(
+            EngineSection::default()
+                .build()
+                .ok()
+                .map(|c| c.max_prompt_stall),
+            Some(Some(std::time::Duration::from_millis(250)))
         );
         assert!(EngineSection {
             max_sequences: Some(0),

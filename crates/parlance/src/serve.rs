@@ -83,6 +83,12 @@ pub struct ServeArgs {
     /// [default: 30].
     #[arg(long, env = "PARLANCE_MAX_QUEUE_WAIT", value_name = "SECONDS")]
     max_queue_wait: Option<f64>,
+    /// While streams are decoding, a forward step computes at most this many milliseconds'
+    /// worth of prompt tokens (by the measured speed), so a long prompt is spread over steps
+    /// that each give every running stream its next token; 0: up to --batch-size tokens
+    /// [default: 250].
+    #[arg(long, env = "PARLANCE_MAX_PROMPT_STALL_MS", value_name = "MS")]
+    max_prompt_stall_ms: Option<u64>,
     /// Turn off the prefix cache (every prompt is computed in full).
     #[arg(long, env = "PARLANCE_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
@@ -164,6 +170,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         max_queue: args.max_queue,
         max_queue_wait_seconds: args.max_queue_wait,
+        max_prompt_stall_ms: args.max_prompt_stall_ms,
         prefix_cache: args.no_prefix_cache.then_some(false),
         flash_attention: args.no_flash_attention.then_some(false),
     };

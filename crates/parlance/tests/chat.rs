@@ -508,6 +508,82 @@ async fn batch_invariance(s: &Server, n: u32) {
     }
 }
 
+/// A long prompt that arrives while a stream decodes is computed in chunks between that
+/// stream's tokens (at most `--max-prompt-stall-ms` of prompt work a step, here the floor of 16
+/// rows), not in passes of up to `batch_size` (512) tokens that hold the stream: the running
+/// stream keeps getting tokens until the long prompt's first one. Chunking changes no output.
+#[tokio::test]
+async fn a_long_prompt_does_not_stall_a_running_stream() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const TOKEN: &str = "\"delta\":{\"content\"";
+    let s = Server::start(&["--max-prompt-stall-ms", "1"]);
+    let mut running = greedy("Tell me a long story about a lighthouse keeper.", 1200);
+    running["stream"] = json!(true);
+    running["ignore_eos"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&running)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let counted = tokens.clone();
+    let reader = tokio::spawn(async move {
+        let mut body = r.bytes_stream();
+        while let Some(Ok(c)) = body.next().await {
+            let n = String::from_utf8_lossy(&c).matches(TOKEN).count();
+            counted.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    while tokens.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let facts: String = (1..=80)
+        .map(|i| format!("Fact {i}: the number {i} squared is {}. ", i * i))
+        .collect();
+    let mut long = greedy(&format!("{facts}\nWhich number squared is 400?"), 8);
+    long["stream"] = json!(true);
+    let before = tokens.load(Ordering::SeqCst);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let (mut text, mut during) = (String::new(), None);
+    while let Some(c) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&c.unwrap()));
+        if during.is_none() && text.contains(TOKEN) {
+            during = Some(tokens.load(Ordering::SeqCst) - before);
+        }
+    }
+    let during = during.expect("the long prompt's answer has text");
+    assert!(
+        !reader.is_finished(),
+        "the running stream ended before the long prompt was computed"
+    );
+    reader.abort();
+    // The same request alone (its prompt now served from the prefix cache) says the same.
+    long["stream"] = json!(false);
+    let (status, _, solo) = post(&s, &long).await;
+    assert_eq!(status, 200, "{solo}");
+    let prompt = solo["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert!(prompt > 900, "{}", solo["usage"]);
+    let streamed: String = delta_strings(&sse_data(&text), "/choices/0/delta/content").concat();
+    assert_eq!(streamed, content(&solo));
+    // 16 prompt rows a step give the running stream about one token per 16 prompt tokens;
+    // chunks of up to 511 would give it 2 or 3.
+    assert!(
+        during >= prompt / 32,
+        "the running stream got {during} tokens while a {prompt}-token prompt was computed"
+    );
+}
+
 #[tokio::test]
 async fn logprobs_plain_and_streamed() {
     let s = shared();
