@@ -329,15 +329,11 @@ mod tests {
             EngineSection::default()
                 .build()
                 .ok()
-                .map(|c| c.max_queue_wait),
-            Some(Some(std::time::Duration::from_secs(30)))
-        );
-        assert_eq!(
-            EngineSection::default()
-                .build()
-                .ok()
-                .map(|c| c.max_prompt_stall),
-            Some(Some(std::time::Duration::from_millis(250)))
+                .map(|c| (c.max_queue_wait, c.max_prompt_stall)),
+            Some((
+                Some(std::time::Duration::from_secs(30)),
+                Some(std::time::Duration::from_millis(250))
+            ))
         );
         assert!(EngineSection {
             max_sequences: Some(0),

@@ -522,12 +522,7 @@ async fn a_long_prompt_does_not_stall_a_running_stream() {
     let mut running = greedy("Tell me a long story about a lighthouse keeper.", 1200);
     running["stream"] = json!(true);
     running["ignore_eos"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&running)
-        .send()
-        .await
-        .unwrap();
+    let r = send(&s, &running).await;
     assert_eq!(r.status(), 200);
     let tokens = Arc::new(AtomicUsize::new(0));
     let counted = tokens.clone();
@@ -547,12 +542,7 @@ async fn a_long_prompt_does_not_stall_a_running_stream() {
     let mut long = greedy(&format!("{facts}\nWhich number squared is 400?"), 8);
     long["stream"] = json!(true);
     let before = tokens.load(Ordering::SeqCst);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let r = send(&s, &long).await;
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
     let (mut text, mut during) = (String::new(), None);

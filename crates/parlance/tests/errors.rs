@@ -177,13 +177,7 @@ async fn read_chunks(r: reqwest::Response, count: usize) -> impl Sized {
 
 /// Starts a 2,000-token stream on `s` and returns it once three chunks have come.
 async fn occupy(s: &Server) -> impl Sized {
-    let a = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&long_stream())
-        .send()
-        .await
-        .unwrap();
-    read_chunks(a, 3).await
+    read_chunks(send(s, &long_stream()).await, 3).await
 }
 
 fn long_stream() -> Value {
@@ -246,19 +240,11 @@ async fn a_request_that_would_wait_too_long_is_refused_at_once() {
     // far longer than a second for it, so it is refused at once rather than queued.
     let s = Server::start(&["--max-sequences", "1", "--max-queue-wait", "1"]);
     let a = occupy(&s).await;
-    let metrics = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let wait: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("parlance_queue_wait_expected_seconds{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let (metrics, samples) = scrape(&s).await;
+    let wait = samples
+        .iter()
+        .find(|(series, _)| series.starts_with("parlance_queue_wait_expected_seconds{"))
+        .map(|(_, v)| *v)
         .unwrap_or_else(|| panic!("no expected-wait gauge in\n{metrics}"));
     assert!(wait > 1.0, "expected wait behind 2,000 tokens: {wait} s");
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, model_path, Server, MODEL};
+use common::{client, model_path, scrape, Server, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -750,22 +750,6 @@ async fn reused_prompt_tokens_are_billed_at_the_cached_price() {
                 .as_i64()
                 .unwrap()
     );
-}
-
-/// Every sample of a Prometheus scrape: `name{labels}` → value.
-async fn scrape(s: &Server) -> (String, std::collections::HashMap<String, f64>) {
-    let r = client().get(s.url("/metrics")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse::<f64>().ok()?))
-        })
-        .collect();
-    (text, samples)
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, sse_data, Server};
+use common::{client, scrape, sse_data, Server};
 use serde_json::{json, Value};
 
 use common::mock_upstream::{mock_upstream, Shared};
@@ -395,22 +395,13 @@ async fn a_failing_deployment_is_skipped_once_its_breaker_opens() {
     assert_eq!(hits(&seen, "ok"), 8);
     // The same story in the metrics: six failed attempts (three retries) and an open breaker on
     // the failing deployment; the other served three requests as a fall-back, then five first.
-    let text = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (text, samples) = scrape(&s).await;
     let sample = |name: &str, deployment: &str| -> f64 {
         let series =
-            format!("{name}{{model=\"a\",deployment=\"{deployment}\",provider=\"openai\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
+            format!("{name}{{model=\"a\",deployment=\"{deployment}\",provider=\"openai\"}}");
+        *samples
+            .get(&series)
             .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
-            .parse()
-            .unwrap()
     };
     assert_eq!(
         sample("parlance_upstream_attempts_total", "mock/fail500"),

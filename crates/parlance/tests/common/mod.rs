@@ -190,6 +190,33 @@ pub async fn get_status(server: &Server, path: &str) -> u16 {
         .as_u16()
 }
 
+/// Every sample of a Prometheus scrape: `name{labels}` → value.
+pub async fn scrape(s: &Server) -> (String, std::collections::HashMap<String, f64>) {
+    let r = client().get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse::<f64>().ok()?))
+        })
+        .collect();
+    (text, samples)
+}
+
+/// Posts `body` to the chat completions route and returns the response as it starts (for
+/// reading a stream as it comes).
+pub async fn send(server: &Server, body: &Value) -> reqwest::Response {
+    client()
+        .post(server.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("send")
+}
+
 /// A chat request body for the test model.
 pub fn chat(content: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
