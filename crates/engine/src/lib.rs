@@ -6,6 +6,7 @@
 //! and frees its sequences at the next forward step.
 
 mod admission;
+mod convert;
 mod grammar;
 mod kvmem;
 mod model;
@@ -64,6 +65,40 @@ pub struct EngineConfig {
     /// many seconds' worth of prompt rows (at least 16), so a long prompt is spread over steps
     /// that each give every running stream its next token. `None`: up to `batch_size` rows.
     pub max_prompt_stall: Option<Duration>,
+    /// The types the weights are multiplied in: as in the file, or re-expressed in Q8_0 for
+    /// llama.cpp's tiled kernels (see [`WeightFormat`]).
+    pub weights: WeightFormat,
+    /// Where weights converted from a model file are kept; `None`: beside the model file.
+    pub weights_dir: Option<PathBuf>,
+}
+
+/// The types a model's weights are multiplied in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Q8_0 for a model held mostly in Q4_1 or Q5_1 (types llama.cpp multiplies one row and one
+    /// token at a time on CPU) whose weights stay under 512 MiB in Q8_0, on CPU; otherwise the
+    /// file's own types.
+    #[default]
+    Auto,
+    /// The file's own types.
+    File,
+    /// Every quantized matrix in Q8_0, converted once into `weights_dir`: batched steps and
+    /// prompts 1.5-2× as fast on CPU as with Q4_1, a single stream about as fast, and the
+    /// weights 1.7× Q4_1's size.
+    Q8_0,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "file" => Ok(Self::File),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(format!("weights must be auto, file or q8_0, not {other:?}")),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -79,6 +114,8 @@ impl Default for EngineConfig {
             prefix_cache: true,
             flash_attention: true,
             max_prompt_stall: Some(Duration::from_millis(250)),
+            weights: WeightFormat::Auto,
+            weights_dir: None,
         }
     }
 }
@@ -88,6 +125,11 @@ impl Default for EngineConfig {
 pub struct ModelInfo {
     /// The file it was loaded from.
     pub path: PathBuf,
+    /// The types its weights are multiplied in: [`WeightFormat::File`] or
+    /// [`WeightFormat::Q8_0`], never `Auto`.
+    pub weights: WeightFormat,
+    /// The file the weights were read from: `path`, or its Q8_0 conversion.
+    pub weights_path: PathBuf,
     /// Longest context (prompt plus completion) one request may use.
     pub context_length: u32,
     /// The context length the model was trained with.

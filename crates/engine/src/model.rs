@@ -1,5 +1,6 @@
 //! A GGUF model loaded through llama.cpp: weights, vocabulary, chat template and fingerprint.
-//! This and the scheduler are the only modules that touch `llama-cpp-2`.
+//! This and the scheduler are the only modules that touch `llama-cpp-2` (and `convert`, for the
+//! C functions it does not wrap).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::grammar::Compiler;
 use crate::template::{ChatTemplate, CHATML};
-use crate::{EngineConfig, EngineError, ModelInfo};
+use crate::{EngineConfig, EngineError, ModelInfo, WeightFormat};
 
 /// Context per sequence when the configuration names none (and the model's is longer).
 const DEFAULT_CONTEXT: u32 = 2048;
@@ -58,8 +59,14 @@ impl LoadedModel {
         if !path.is_file() {
             return Err(load_err("no such file".into()));
         }
-        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
-            .map_err(|e| load_err(e.to_string()))?;
+        let threads = config.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        });
+        let (weights_path, weights) =
+            crate::convert::resolve(path, config.weights, config.weights_dir.as_deref(), threads)?;
+        let model =
+            LlamaModel::load_from_file(backend, &weights_path, &LlamaModelParams::default())
+                .map_err(|e| load_err(e.to_string()))?;
         let vocab = model.vocab();
         let piece = |t: LlamaToken| {
             String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
@@ -92,9 +99,11 @@ impl LoadedModel {
             u32::try_from(fit.clamp(1, MAX_AUTO_SEQUENCES)).unwrap_or(1)
         });
         let fingerprint =
-            fingerprint(path, config, kv_types).map_err(|e| load_err(e.to_string()))?;
+            fingerprint(path, config, kv_types, weights).map_err(|e| load_err(e.to_string()))?;
         let info = ModelInfo {
             path: path.to_path_buf(),
+            weights,
+            weights_path,
             context_length,
             train_context_length: train,
             vocab_size: u32::try_from(vocab.n_tokens()).unwrap_or(0),
@@ -135,19 +144,33 @@ impl LoadedModel {
     }
 }
 
-/// `fp_` plus 10 hex digits of a hash of the build, the model file (its size and its first and
-/// last MiB: enough to tell files apart without reading gigabytes) and the settings that change
-/// outputs.
+/// `fp_` plus 10 hex digits of a hash of the build, the model file (see [`file_key`]) and the
+/// settings that change outputs.
 fn fingerprint(
     path: &Path,
     config: &EngineConfig,
     kv_types: (KvCacheType, KvCacheType),
+    weights: WeightFormat,
 ) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(file_key(path)?.as_bytes());
+    h.update(config.batch_size.to_le_bytes());
+    // The attention kernels, the KV cache's types and the weights' types change the last bits.
+    h.update([u8::from(config.flash_attention)]);
+    h.update(format!("{kv_types:?}").as_bytes());
+    h.update(format!("{weights:?}").as_bytes());
+    let digest = hex::encode(h.finalize());
+    Ok(format!("fp_{}", &digest[..10]))
+}
+
+/// 64 hex digits of a hash of the llama.cpp version and a file's size and first and last MiB:
+/// enough to tell model files apart without reading gigabytes.
+pub(crate) fn file_key(path: &Path) -> std::io::Result<String> {
     const SPAN: u64 = 1 << 20;
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
     let mut h = Sha256::new();
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(llama_cpp_version().as_bytes());
     h.update(len.to_le_bytes());
     let mut buf = vec![0u8; SPAN.min(len) as usize];
@@ -156,12 +179,7 @@ fn fingerprint(
     f.seek(SeekFrom::Start(len.saturating_sub(SPAN)))?;
     f.read_exact(&mut buf)?;
     h.update(&buf);
-    h.update(config.batch_size.to_le_bytes());
-    // The attention kernels and the KV cache's types change the last bits.
-    h.update([u8::from(config.flash_attention)]);
-    h.update(format!("{kv_types:?}").as_bytes());
-    let digest = hex::encode(h.finalize());
-    Ok(format!("fp_{}", &digest[..10]))
+    Ok(hex::encode(h.finalize()))
 }
 
 /// The KV cache's key and value types for an attention setting and head size.

@@ -108,6 +108,9 @@ pub struct EngineSection {
     /// Longest a step's prompt chunks hold decoding streams, in milliseconds (default 250;
     /// 0: prompt chunks up to `batch_size` tokens).
     pub max_prompt_stall_ms: Option<u64>,
+    /// The types the weights are multiplied in: `auto` (default: Q8_0 for small Q4_1/Q5_1
+    /// models on CPU), `file`, or `q8_0`.
+    pub weights: Option<String>,
 }
 
 impl EngineSection {
@@ -124,6 +127,7 @@ impl EngineSection {
             prefix_cache: self.prefix_cache.or(other.prefix_cache),
             flash_attention: self.flash_attention.or(other.flash_attention),
             max_prompt_stall_ms: self.max_prompt_stall_ms.or(other.max_prompt_stall_ms),
+            weights: self.weights.clone().or_else(|| other.weights.clone()),
         }
     }
 
@@ -152,6 +156,12 @@ impl EngineSection {
                 Some(0) => None,
                 Some(ms) => Some(std::time::Duration::from_millis(ms)),
             },
+            weights: match &self.weights {
+                None => d.weights,
+                Some(w) => w.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+            },
+            // Converted weights are a cache: beside the default model, wherever it came from.
+            weights_dir: crate::pull::cache_dir().ok().map(|d| d.join("weights")),
         };
         if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
             bail!("max_sequences must be between 1 and 256");
@@ -250,6 +260,7 @@ pub fn parse_model_flag(s: &str) -> anyhow::Result<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parlance_engine::WeightFormat;
 
     #[test]
     fn unknown_keys_are_errors() {
@@ -341,5 +352,31 @@ mod tests {
         }
         .build()
         .is_err());
+        // Weights: auto unless set; a flag over the file; a misspelt format is an error.
+        let weights = |w: &str| EngineSection {
+            weights: Some(w.to_owned()),
+            ..Default::default()
+        };
+        assert_eq!(
+            EngineSection::default().build().ok().map(|c| c.weights),
+            Some(WeightFormat::Auto)
+        );
+        assert_eq!(
+            weights("Q8_0")
+                .or(&weights("file"))
+                .build()
+                .ok()
+                .map(|c| c.weights),
+            Some(WeightFormat::Q8_0)
+        );
+        assert_eq!(
+            EngineSection::default()
+                .or(&weights("file"))
+                .build()
+                .ok()
+                .map(|c| c.weights),
+            Some(WeightFormat::File)
+        );
+        assert!(weights("q4").build().is_err());
     }
 }
