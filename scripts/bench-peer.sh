@@ -11,7 +11,9 @@
 # as many slots as the highest concurrency (SLOTS, default 32), 2,048 tokens of context each,
 # 2 threads. Knobs: RUNS (default 3), SLOTS, W2_LOW / W2_LOW_REQUESTS (concurrency levels run
 # with fewer requests, default 1,4,8 with 32), W2_HIGH / W2_HIGH_REQUESTS (default 16,32 with
-# 64), OUT (folder for the raw tables, default a fresh temporary one).
+# 64), TAIL (the workloads run after W2 in every run, default w3,w4,w5; W5 alone takes minutes
+# against llama-server, which queues every request), OUT (folder for the raw tables, default a
+# fresh temporary one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,7 @@ W2_LOW=${W2_LOW:-1,4,8}
 W2_LOW_REQUESTS=${W2_LOW_REQUESTS:-32}
 W2_HIGH=${W2_HIGH:-16,32}
 W2_HIGH_REQUESTS=${W2_HIGH_REQUESTS:-64}
+TAIL=${TAIL:-w3,w4,w5}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 PARLANCE=target/release/parlance
@@ -71,7 +74,7 @@ for run in $(seq 1 "$RUNS"); do
             bench "$2" --workload w1
             bench "$2" --workload w2 --concurrency "$W2_LOW" --requests "$W2_LOW_REQUESTS"
             bench "$2" --workload w2 --concurrency "$W2_HIGH" --requests "$W2_HIGH_REQUESTS"
-            bench "$2" --workload w3,w4,w5
+            bench "$2" --workload "$TAIL"
         } | tee "$file"
     done
 done
