@@ -269,8 +269,10 @@ def test_legacy_functions_with_the_sdk(client: OpenAI, server):
                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                  "required": ["city"], "additionalProperties": False}}]
     msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    # Greedy: a sampled city name may run past any max_tokens (that case is checked below).
     r = client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
-                                       function_call={"name": "get_weather"}, max_tokens=60, seed=1)
+                                       function_call={"name": "get_weather"}, max_tokens=60,
+                                       temperature=0)
     strict(r)
     choice = r.choices[0]
     # A forced (named) call ends with "stop", as OpenAI answers it; a call the model chose
@@ -282,7 +284,8 @@ def test_legacy_functions_with_the_sdk(client: OpenAI, server):
     # The raw body is valid against OpenAI's published spec.
     raw = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer sk-sdk-test"},
                      json={"model": MODEL, "messages": msgs, "functions": functions,
-                           "function_call": {"name": "get_weather"}, "max_tokens": 60, "seed": 1}, timeout=60)
+                           "function_call": {"name": "get_weather"}, "max_tokens": 60,
+                           "temperature": 0}, timeout=60)
     assert raw.status_code == 200, raw.text
     validate(raw.text)
     assert "tool_calls" not in raw.json()["choices"][0]["message"]
@@ -290,7 +293,7 @@ def test_legacy_functions_with_the_sdk(client: OpenAI, server):
     name, args, finish = "", "", None
     for chunk in client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
                                                 function_call={"name": "get_weather"}, max_tokens=60,
-                                                seed=1, stream=True):
+                                                temperature=0, stream=True):
         strict(chunk)
         for c in chunk.choices:
             assert c.delta.tool_calls is None
@@ -299,6 +302,16 @@ def test_legacy_functions_with_the_sdk(client: OpenAI, server):
                 args += c.delta.function_call.arguments or ""
             finish = c.finish_reason or finish
     assert (name, json.loads(args), finish) == (fc.name, json.loads(fc.arguments), "stop")
+    # Cut short by max_tokens, a forced call is still a call (its arguments as far as they got,
+    # finish_reason "length"), never the call's JSON as text.
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, functions=functions,
+                                         function_call={"name": "get_weather"}, max_tokens=6,
+                                         temperature=0)
+    strict(cut)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content is None
+    assert cut.choices[0].message.function_call.name == "get_weather"
+    assert fc.arguments.startswith(cut.choices[0].message.function_call.arguments)
     # The call and the function's answer go back in the legacy history shape.
     msgs += [choice.message.model_dump(exclude_none=True),
              {"role": "function", "name": "get_weather", "content": "Sunny, 24 degrees"}]

@@ -53,12 +53,13 @@ pub struct EngineConfig {
     pub max_queue_wait: Option<Duration>,
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
-    /// Flash attention (keys Q8_0, values F16): the faster on CPU while contexts are short
-    /// (under some 500 tokens: 25-40% more tokens per second at 16 sequences); the plain
-    /// attention (keys and values F16) is the faster past that (a 1,000-token prompt computed
-    /// ~1.6× as fast, and decoding at that length ~1.3× as fast, against flash attention with
-    /// the F16/BF16 cache it had before; Q8_0 keys took back ~17% and ~13% of that, see
-    /// `docs/benchmarks.md`). Both are batch-invariant.
+    /// Flash attention (keys Q8_0, values F16), or the plain attention (keys and values F16).
+    /// Both are batch-invariant. With Q4_1 weights flash attention was the faster while
+    /// contexts are short (25-40% more tokens per second at 16 sequences); with Q8_0 weights
+    /// the two are close there (3-9% in flash attention's favour in one run), and past a few
+    /// hundred tokens of context the plain attention is much the faster (a prompt at ~1,000
+    /// cells 2.4× as fast); flash attention keeps answers in the prefix cache and takes 17 KiB
+    /// a cell against 22.5. See `docs/benchmarks.md`.
     pub flash_attention: bool,
     /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
     /// estimated from the measured step costs: while any decode, a step computes at most that

@@ -197,9 +197,9 @@ enum ToolMode {
     Off,
     /// The model may answer a call (`auto`): output that starts like a call is held back.
     Auto,
-    /// A call is forced by the grammar; `named` answers `stop`, `required` answers
-    /// `tool_calls`.
-    Forced { named: bool },
+    /// A call is forced by the grammar; a named function (`named`) answers `stop`, `required`
+    /// answers `tool_calls`.
+    Forced { named: Option<String> },
 }
 
 struct Progress {
@@ -329,6 +329,10 @@ impl Progress {
                 let held = std::mem::take(&mut self.held[c]);
                 let calls = match self.mode {
                     ToolMode::Off => Vec::new(),
+                    // Cut by `max_tokens`: the call as far as it got, never its JSON as text.
+                    ToolMode::Forced { ref named } if reason == FinishReason::Length => {
+                        tools::parse_truncated(&held, &self.tools, named.as_deref())
+                    }
                     ToolMode::Forced { .. } => tools::parse_forced(&held, &self.tools),
                     ToolMode::Auto => tools::parse_auto(&held, &self.tools),
                 };
@@ -361,7 +365,7 @@ impl Progress {
                     }
                     if reason == FinishReason::Stop {
                         reason = match self.mode {
-                            ToolMode::Forced { named: true } => FinishReason::Stop,
+                            ToolMode::Forced { named: Some(_) } => FinishReason::Stop,
                             _ => FinishReason::ToolCalls,
                         };
                     }
@@ -489,8 +493,10 @@ impl PreparedChat for LocalPrepared {
             _ if tools.is_empty() => ToolMode::Off,
             ToolChoice::None => ToolMode::Off,
             ToolChoice::Auto => ToolMode::Auto,
-            ToolChoice::Required => ToolMode::Forced { named: false },
-            ToolChoice::Named(_) => ToolMode::Forced { named: true },
+            ToolChoice::Required => ToolMode::Forced { named: None },
+            ToolChoice::Named(name) => ToolMode::Forced {
+                named: Some(name.clone()),
+            },
         };
         let state = Progress {
             events,

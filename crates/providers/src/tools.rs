@@ -141,6 +141,71 @@ pub fn parse_forced(text: &str, tools: &[Tool]) -> Vec<ParsedCall> {
     }
 }
 
+/// The calls in a forced output cut short by `max_tokens`: the complete ones, then the last as
+/// far as it got, its arguments an unfinished JSON string (as OpenAI answers a call cut by
+/// `length`). The grammar writes `name` before `arguments`, so a call whose name is complete is
+/// reported even when none of its arguments are; with a function forced by name (`named`), that
+/// call is reported however early the output was cut.
+pub fn parse_truncated(text: &str, tools: &[Tool], named: Option<&str>) -> Vec<ParsedCall> {
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("\"name\"") {
+        let Some(after) = rest[at + 6..].trim_start().strip_prefix(':') else {
+            break;
+        };
+        let after = after.trim_start();
+        let mut names = serde_json::Deserializer::from_str(after).into_iter::<String>();
+        let Some(Ok(name)) = names.next() else {
+            break;
+        };
+        let after = &after[names.byte_offset()..];
+        let args = after.find("\"arguments\"").and_then(|a| {
+            after[a + 11..]
+                .trim_start()
+                .strip_prefix(':')
+                .map(str::trim_start)
+        });
+        let known = tools.iter().any(|t| t.name == name);
+        let Some(args) = args else {
+            if known {
+                calls.push(ParsedCall {
+                    name,
+                    arguments: String::new(),
+                });
+            }
+            break;
+        };
+        let mut values = serde_json::Deserializer::from_str(args).into_iter::<Value>();
+        match values.next() {
+            Some(Ok(v)) => {
+                if known {
+                    calls.push(ParsedCall {
+                        name,
+                        arguments: v.to_string(),
+                    });
+                }
+                rest = &args[values.byte_offset()..];
+            }
+            _ => {
+                if known {
+                    calls.push(ParsedCall {
+                        name,
+                        arguments: args.to_owned(),
+                    });
+                }
+                break;
+            }
+        }
+    }
+    match named {
+        Some(name) if calls.is_empty() => vec![ParsedCall {
+            name: name.to_owned(),
+            arguments: String::new(),
+        }],
+        _ => calls,
+    }
+}
+
 /// The calls in a free (`auto`) output: every `<tool_call>` block that parses and names a
 /// known function. Empty when the model answered in text.
 pub fn parse_auto(text: &str, tools: &[Tool]) -> Vec<ParsedCall> {
@@ -177,6 +242,44 @@ mod tests {
             parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
             strict: true,
         }]
+    }
+
+    #[test]
+    fn forced_calls_cut_short_keep_their_name_and_partial_arguments() {
+        let t = tools();
+        let cut = "{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Rom";
+        assert_eq!(
+            parse_truncated(cut, &t, None),
+            vec![ParsedCall {
+                name: "get_weather".into(),
+                arguments: "{\"city\":\"Rom".into()
+            }]
+        );
+        // Cut before the arguments began: the call, with empty arguments.
+        assert_eq!(
+            parse_truncated("{\"name\": \"get_weather\", \"argu", &t, None),
+            vec![ParsedCall {
+                name: "get_weather".into(),
+                arguments: String::new()
+            }]
+        );
+        // `required` with parallel calls: the complete first call, then the cut second.
+        let two = "[{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Rome\"}},{\"name\":\"get_weather\",\"arguments\":{\"ci";
+        let calls = parse_truncated(two, &t, None);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].arguments, "{\"city\":\"Rome\"}");
+        assert_eq!(calls[1].arguments, "{\"ci");
+        // Cut inside the name, or naming no known function: no call.
+        assert!(parse_truncated("{\"name\":\"get_wea", &t, None).is_empty());
+        assert!(parse_truncated("{\"name\":\"other\",\"arguments\":{", &t, None).is_empty());
+        // Unless the function was forced by name: then it is the call, whatever was cut.
+        assert_eq!(
+            parse_truncated("{\"name\":\"get_wea", &t, Some("get_weather")),
+            vec![ParsedCall {
+                name: "get_weather".into(),
+                arguments: String::new()
+            }]
+        );
     }
 
     #[test]
