@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{EngineError, WeightFormat};
+use crate::{EngineConfig, EngineError, WeightFormat};
 
 /// `auto` converts only models whose weights stay this small in Q8_0: there a token's work is
 /// arithmetic more than memory reads, and the extra memory is small. Larger models decode one
@@ -89,13 +89,14 @@ impl Census {
     }
 }
 
-/// The weights `config` asks for: the file to load and the format it is in.
+/// The weights `config` asks for: the file to load and the format it is in. `key` is the
+/// source's [`file_key`](crate::model::file_key).
 pub(crate) fn resolve(
     path: &Path,
-    format: WeightFormat,
-    dir: Option<&Path>,
-    threads: u32,
+    key: &str,
+    config: &EngineConfig,
 ) -> Result<(PathBuf, WeightFormat), EngineError> {
+    let format = config.weights;
     let load_err = |message: String| EngineError::Load {
         path: path.to_path_buf(),
         message,
@@ -110,11 +111,11 @@ pub(crate) fn resolve(
     if !convert {
         return Ok((path.to_path_buf(), WeightFormat::File));
     }
-    let dir = match dir {
-        Some(d) => d.to_path_buf(),
+    let dir = match &config.weights_dir {
+        Some(d) => d.clone(),
         None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
     };
-    match to_q8_0(path, &dir, threads) {
+    match to_q8_0(path, key, &dir, config.thread_count()) {
         Ok(converted) => Ok((converted, WeightFormat::Q8_0)),
         // `auto` is an optimisation: a read-only or full disk serves the file as it is.
         Err(message) if format == WeightFormat::Auto => {
@@ -131,9 +132,9 @@ pub(crate) fn resolve(
     }
 }
 
-/// The Q8_0 copy of `source` in `dir`, written there first if it is not yet.
-fn to_q8_0(source: &Path, dir: &Path, threads: u32) -> Result<PathBuf, String> {
-    let key = crate::model::file_key(source).map_err(|e| e.to_string())?;
+/// The Q8_0 copy of `source` (whose file key is `key`) in `dir`, written there first if it is
+/// not yet.
+fn to_q8_0(source: &Path, key: &str, dir: &Path, threads: u32) -> Result<PathBuf, String> {
     let stem = source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -102,6 +102,16 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+impl EngineConfig {
+    /// CPU threads for the forward pass and the weights' conversion: `threads`, else the
+    /// available cores.
+    pub(crate) fn thread_count(&self) -> u32 {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        })
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {

@@ -59,11 +59,8 @@ impl LoadedModel {
         if !path.is_file() {
             return Err(load_err("no such file".into()));
         }
-        let threads = config.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
-        });
-        let (weights_path, weights) =
-            crate::convert::resolve(path, config.weights, config.weights_dir.as_deref(), threads)?;
+        let key = file_key(path).map_err(|e| load_err(e.to_string()))?;
+        let (weights_path, weights) = crate::convert::resolve(path, &key, config)?;
         let model =
             LlamaModel::load_from_file(backend, &weights_path, &LlamaModelParams::default())
                 .map_err(|e| load_err(e.to_string()))?;
@@ -98,8 +95,7 @@ impl LoadedModel {
             let fit = u64::from(config.kv_cache_mib) * (1 << 20) / per_sequence;
             u32::try_from(fit.clamp(1, MAX_AUTO_SEQUENCES)).unwrap_or(1)
         });
-        let fingerprint =
-            fingerprint(path, config, kv_types, weights).map_err(|e| load_err(e.to_string()))?;
+        let fingerprint = fingerprint(&key, config, kv_types, weights);
         let info = ModelInfo {
             path: path.to_path_buf(),
             weights,
@@ -147,21 +143,21 @@ impl LoadedModel {
 /// `fp_` plus 10 hex digits of a hash of the build, the model file (see [`file_key`]) and the
 /// settings that change outputs.
 fn fingerprint(
-    path: &Path,
+    file_key: &str,
     config: &EngineConfig,
     kv_types: (KvCacheType, KvCacheType),
     weights: WeightFormat,
-) -> std::io::Result<String> {
+) -> String {
     let mut h = Sha256::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(file_key(path)?.as_bytes());
+    h.update(file_key.as_bytes());
     h.update(config.batch_size.to_le_bytes());
     // The attention kernels, the KV cache's types and the weights' types change the last bits.
     h.update([u8::from(config.flash_attention)]);
     h.update(format!("{kv_types:?}").as_bytes());
     h.update(format!("{weights:?}").as_bytes());
     let digest = hex::encode(h.finalize());
-    Ok(format!("fp_{}", &digest[..10]))
+    format!("fp_{}", &digest[..10])
 }
 
 /// 64 hex digits of a hash of the llama.cpp version and a file's size and first and last MiB:

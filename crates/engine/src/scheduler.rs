@@ -69,10 +69,7 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name("parlance-engine".into())
         .spawn(move || {
-            let threads = config.threads.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
-                |t| t as i32,
-            );
+            let threads = i32::try_from(config.thread_count()).unwrap_or(i32::MAX);
             let sequences = model.info.max_sequences;
             let step = config.batch_size + sequences;
             let params = LlamaContextParams::default()

@@ -9,7 +9,8 @@
     reason = "test code"
 )]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 
 use parlance_engine::{
@@ -21,22 +22,7 @@ use serde_json::{json, Value};
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| {
-        let path = std::env::var_os("PARLANCE_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let base = std::env::var_os("PARLANCE_CACHE_DIR")
-                    .map(PathBuf::from)
-                    .or_else(|| {
-                        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/parlance"))
-                    })
-                    .expect("a cache directory");
-                base.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-        assert!(
-            path.is_file(),
-            "default model missing at {}: run `parlance pull`",
-            path.display()
-        );
+        let path = common::model_path();
         let config = EngineConfig {
             max_sequences: Some(2),
             context_length: Some(512),

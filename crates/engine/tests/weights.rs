@@ -9,28 +9,12 @@
     reason = "test code"
 )]
 
-use parlance_engine::{Engine, EngineConfig, Event, Generation, SamplingParams, WeightFormat};
+mod common;
+
 use std::path::{Path, PathBuf};
 
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("PARLANCE_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("PARLANCE_CACHE_DIR")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/parlance"))
-                })
-                .expect("a cache directory");
-            base.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "default model missing at {}: run `parlance pull`",
-        path.display()
-    );
-    path
-}
+use common::model_path;
+use parlance_engine::{Engine, EngineConfig, Event, Generation, SamplingParams, WeightFormat};
 
 fn config(weights: WeightFormat, dir: &Path) -> EngineConfig {
     EngineConfig {

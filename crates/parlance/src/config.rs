@@ -160,7 +160,7 @@ impl EngineSection {
                 None => d.weights,
                 Some(w) => w.parse().map_err(|e: String| anyhow::anyhow!(e))?,
             },
-            // Converted weights are a cache: beside the default model, wherever it came from.
+            // Converted weights are a cache: under the cache directory, wherever the model is.
             weights_dir: crate::pull::cache_dir().ok().map(|d| d.join("weights")),
         };
         if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
