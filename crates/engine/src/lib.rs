@@ -10,6 +10,7 @@ mod convert;
 mod grammar;
 mod kvmem;
 mod model;
+mod priority;
 mod sampling;
 mod scheduler;
 mod template;
@@ -35,8 +36,7 @@ pub struct EngineConfig {
     pub max_sequences: Option<u32>,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
     /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
-    /// `max_sequences × context_length` cells (17 KiB each for the default model with flash
-    /// attention, 22.5 KiB with the plain attention).
+    /// `max_sequences × context_length` cells (17 KiB each for the default model).
     pub context_length: Option<u32>,
     /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
     /// reserved, not resident: pages become resident only as sequences write their cells.
@@ -53,13 +53,13 @@ pub struct EngineConfig {
     pub max_queue_wait: Option<Duration>,
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
-    /// Flash attention (keys Q8_0, values F16), or the plain attention (keys and values F16).
-    /// Both are batch-invariant. With Q4_1 weights flash attention was the faster while
+    /// Flash attention or the plain attention, both over Q8_0 keys and F16 values (17 KiB a
+    /// cell for the default model) and both batch-invariant. With Q4_1 weights flash attention was the faster while
     /// contexts are short (25-40% more tokens per second at 16 sequences); with Q8_0 weights
-    /// the two are close there (3-9% in flash attention's favour in one run), and past a few
+    /// flash attention is still 10-18% the faster there (W1, W2, two runs each), and past a few
     /// hundred tokens of context the plain attention is much the faster (a prompt at ~1,000
-    /// cells 2.4× as fast); flash attention keeps answers in the prefix cache and takes 17 KiB
-    /// a cell against 22.5. See `docs/benchmarks.md`.
+    /// cells 2.4× as fast); flash attention keeps answers in the prefix cache. See
+    /// `docs/benchmarks.md`.
     pub flash_attention: bool,
     /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
     /// estimated from the measured step costs: while any decode, a step computes at most that
@@ -71,6 +71,10 @@ pub struct EngineConfig {
     pub weights: WeightFormat,
     /// Where weights converted from a model file are kept; `None`: beside the model file.
     pub weights_dir: Option<PathBuf>,
+    /// How much the compute threads' nice value exceeds the process's (0 to 19; 0: the same),
+    /// so that the server's own threads (connections, refusals, streaming) are preferred
+    /// whenever both want the CPU. Only under contention does it change anything.
+    pub compute_nice: u8,
 }
 
 /// The types a model's weights are multiplied in.
@@ -127,6 +131,7 @@ impl Default for EngineConfig {
             max_prompt_stall: Some(Duration::from_millis(250)),
             weights: WeightFormat::Auto,
             weights_dir: None,
+            compute_nice: 10,
         }
     }
 }

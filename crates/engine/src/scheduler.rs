@@ -46,6 +46,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::admission::{self, StepCost};
 use crate::kvmem;
 use crate::model::{backend, LoadedModel};
+use crate::priority;
 use crate::sampling::{log_probs, Sampler};
 use crate::text::{AlignedQueue, StopMatcher, Utf8Decoder};
 use crate::{
@@ -69,6 +70,13 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name("parlance-engine".into())
         .spawn(move || {
+            // Before llama.cpp starts its workers on this thread: they inherit it.
+            if config.compute_nice > 0 {
+                match priority::lower_this_thread(i32::from(config.compute_nice)) {
+                    Some(nice) => tracing::debug!(nice, "engine threads run at a lower priority"),
+                    None => tracing::debug!("engine threads keep the server's priority"),
+                }
+            }
             let threads = i32::try_from(config.thread_count()).unwrap_or(i32::MAX);
             let sequences = model.info.max_sequences;
             let step = config.batch_size + sequences;

@@ -111,6 +111,9 @@ pub struct EngineSection {
     /// The types the weights are multiplied in: `auto` (default: Q8_0 for small Q4_1/Q5_1
     /// models on CPU), `file`, or `q8_0`.
     pub weights: Option<String>,
+    /// How much lower than the server's own threads the compute threads run (their nice value
+    /// above the process's, 0 to 19; default 10; 0: the same priority).
+    pub compute_nice: Option<u8>,
 }
 
 impl EngineSection {
@@ -128,6 +131,7 @@ impl EngineSection {
             flash_attention: self.flash_attention.or(other.flash_attention),
             max_prompt_stall_ms: self.max_prompt_stall_ms.or(other.max_prompt_stall_ms),
             weights: self.weights.clone().or_else(|| other.weights.clone()),
+            compute_nice: self.compute_nice.or(other.compute_nice),
         }
     }
 
@@ -162,7 +166,11 @@ impl EngineSection {
             },
             // Converted weights are a cache: under the cache directory, wherever the model is.
             weights_dir: crate::pull::cache_dir().ok().map(|d| d.join("weights")),
+            compute_nice: self.compute_nice.unwrap_or(d.compute_nice),
         };
+        if c.compute_nice > 19 {
+            bail!("compute_nice must be between 0 and 19");
+        }
         if c.max_sequences.is_some_and(|n| n == 0 || n > 256) {
             bail!("max_sequences must be between 1 and 256");
         }
@@ -336,6 +344,21 @@ mod tests {
         }
         .build()
         .is_err());
+        // The compute threads' priority: lowered by 10 unless told otherwise, within nice's range.
+        let nice = |n: Option<u8>| {
+            EngineSection {
+                compute_nice: n,
+                ..Default::default()
+            }
+            .build()
+            .ok()
+            .map(|c| c.compute_nice)
+        };
+        assert_eq!(
+            (nice(None), nice(Some(0)), nice(Some(19))),
+            (Some(10), Some(0), Some(19))
+        );
+        assert_eq!(nice(Some(20)), None);
         assert_eq!(
             EngineSection::default()
                 .build()

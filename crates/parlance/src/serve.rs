@@ -94,12 +94,17 @@ pub struct ServeArgs {
     /// q8_0. A conversion is made once and kept in the cache directory [default: auto].
     #[arg(long, env = "PARLANCE_WEIGHTS", value_name = "FORMAT")]
     weights: Option<String>,
+    /// How much lower than the server's own threads the model's compute threads run (their
+    /// nice value above the process's, 0-19), so that connections, refusals and streaming are
+    /// never held up by a forward pass; 0: the same priority [default: 10].
+    #[arg(long, env = "PARLANCE_COMPUTE_NICE", value_name = "N")]
+    compute_nice: Option<u8>,
     /// Turn off the prefix cache (every prompt is computed in full).
     #[arg(long, env = "PARLANCE_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
     /// Plain attention instead of flash attention: much faster past a few hundred tokens of
-    /// context (long shared system prompts, long conversations), a little slower on short
-    /// ones; answers are not kept in the prefix cache, and a KV cell takes 22.5 KiB, not 17.
+    /// context (long shared system prompts, long conversations), 10-18% slower on short
+    /// ones; answers are not kept in the prefix cache.
     #[arg(long, env = "PARLANCE_NO_FLASH_ATTENTION")]
     no_flash_attention: bool,
     /// Status for out-of-range parameter values: 400 (OpenAI's) or 422 [default: 400].
@@ -180,6 +185,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         prefix_cache: args.no_prefix_cache.then_some(false),
         flash_attention: args.no_flash_attention.then_some(false),
         weights: args.weights.clone(),
+        compute_nice: args.compute_nice,
     };
     let defaults = flags.or(&file.engine);
     let mut specs = Vec::new();
