@@ -10,13 +10,14 @@
 
 #![allow(unsafe_code, reason = "nice(2) on the calling thread")]
 
-/// Raises the calling thread's nice value by `by` (`compute_nice`, 10 by default: a runnable
-/// server thread then weighs nine times a compute thread in Linux's fair scheduler, and
-/// preempts it on waking; on two cores shared with the load generator, W5's refusals in the
-/// opening burst of 256 requests took p99 58-117 ms against 91-144 at 0, four runs each). On
-/// Linux the nice value is a thread's, and
-/// threads it starts later inherit it). Returns the value now in force; `None` where it could
-/// not be changed or the platform has no per-thread nice value.
+/// Raises the calling thread's nice value by `by`; on Linux the nice value is a thread's, and
+/// threads it starts later inherit it. Returns the value now in force; `None` where it could not
+/// be changed or the platform has no per-thread nice value.
+///
+/// With `compute_nice` at its default of 10, a runnable server thread weighs nine times a
+/// compute thread in Linux's fair scheduler and preempts it on waking. On two cores shared with
+/// the load generator, W5's refusals in the opening burst of 256 requests took p99 58-117 ms
+/// against 91-144 ms at 0 (four runs each).
 pub(crate) fn lower_this_thread(by: i32) -> Option<i32> {
     #[cfg(target_os = "linux")]
     {
