@@ -2,6 +2,7 @@
 //! priority) run at a higher nice value than the rest of the process, so that the server's
 //! threads are preferred whenever both want the CPU.
 
+#![cfg(target_os = "linux")]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -32,7 +33,6 @@ fn threads() -> Vec<(String, i64)> {
 }
 
 #[test]
-#[cfg(target_os = "linux")]
 fn compute_threads_run_below_the_rest_of_the_process() {
     let before = threads();
     let base = before.iter().map(|(_, n)| *n).max().unwrap();
