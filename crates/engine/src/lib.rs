@@ -54,12 +54,12 @@ pub struct EngineConfig {
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
     /// Flash attention or the plain attention, both over Q8_0 keys and F16 values (17 KiB a
-    /// cell for the default model) and both batch-invariant. With Q4_1 weights flash attention was the faster while
-    /// contexts are short (25-40% more tokens per second at 16 sequences); with Q8_0 weights
-    /// flash attention is still 10-18% the faster there (W1, W2, two runs each), and past a few
-    /// hundred tokens of context the plain attention is much the faster (a prompt at ~1,000
-    /// cells 2.4× as fast); flash attention keeps answers in the prefix cache. See
-    /// `docs/benchmarks.md`.
+    /// cell for the default model) and both batch-invariant. With Q4_1 weights flash attention
+    /// was the faster while contexts are short (25-40% more tokens per second at 16 sequences);
+    /// with Q8_0 weights flash attention is still 10-18% the faster there (W1, W2, two runs
+    /// each), and past a few hundred tokens of context the plain attention is much the faster
+    /// (a prompt at ~1,000 cells 2.4× as fast); flash attention keeps answers in the prefix
+    /// cache. See `docs/benchmarks.md`.
     pub flash_attention: bool,
     /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
     /// estimated from the measured step costs: while any decode, a step computes at most that

@@ -165,36 +165,23 @@ pub fn parse_truncated(text: &str, tools: &[Tool], named: Option<&str>) -> Vec<P
                 .strip_prefix(':')
                 .map(str::trim_start)
         });
-        let known = tools.iter().any(|t| t.name == name);
-        let Some(args) = args else {
-            if known {
-                calls.push(ParsedCall {
-                    name,
-                    arguments: String::new(),
-                });
+        // The arguments, and where the next call may start when they were complete.
+        let (arguments, next) = match args {
+            None => (String::new(), None),
+            Some(args) => {
+                let mut values = serde_json::Deserializer::from_str(args).into_iter::<Value>();
+                match values.next() {
+                    Some(Ok(v)) => (v.to_string(), Some(&args[values.byte_offset()..])),
+                    _ => (args.to_owned(), None),
+                }
             }
-            break;
         };
-        let mut values = serde_json::Deserializer::from_str(args).into_iter::<Value>();
-        match values.next() {
-            Some(Ok(v)) => {
-                if known {
-                    calls.push(ParsedCall {
-                        name,
-                        arguments: v.to_string(),
-                    });
-                }
-                rest = &args[values.byte_offset()..];
-            }
-            _ => {
-                if known {
-                    calls.push(ParsedCall {
-                        name,
-                        arguments: args.to_owned(),
-                    });
-                }
-                break;
-            }
+        if tools.iter().any(|t| t.name == name) {
+            calls.push(ParsedCall { name, arguments });
+        }
+        match next {
+            Some(next) => rest = next,
+            None => break,
         }
     }
     match named {
