@@ -7,6 +7,7 @@
 
 mod admission;
 mod convert;
+mod cpu;
 mod grammar;
 mod kvmem;
 mod model;

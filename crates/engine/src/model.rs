@@ -28,7 +28,15 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
+            let backend = LlamaBackend::init().map_err(|e| e.to_string());
+            tracing::debug!(features = %crate::cpu::features(), "llama.cpp CPU build");
+            if crate::cpu::amx() {
+                tracing::warn!(
+                    "llama.cpp was built with its AMX kernels (see .cargo/config.toml): outputs \
+                     may depend on the batch, and CPUs that list AMX without supporting it fail"
+                );
+            }
+            backend
         })
         .as_ref()
         .map_err(|e| EngineError::Backend(e.clone()))
