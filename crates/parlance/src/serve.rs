@@ -90,7 +90,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PARLANCE_MAX_PROMPT_STALL_MS", value_name = "MS")]
     max_prompt_stall_ms: Option<u64>,
     /// The types the weights are multiplied in: auto (Q8_0 for small Q4_1/Q5_1 models on CPU,
-    /// 1.5-2× the batched speed for 1.7× the weights' memory; otherwise the file's), file, or
+    /// 1.4-2× the batched speed for 1.5× the weights' memory; otherwise the file's), file, or
     /// q8_0. A conversion is made once and kept in the cache directory [default: auto].
     #[arg(long, env = "PARLANCE_WEIGHTS", value_name = "FORMAT")]
     weights: Option<String>,
