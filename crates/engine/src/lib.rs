@@ -37,7 +37,7 @@ pub struct EngineConfig {
     pub max_sequences: Option<u32>,
     /// Longest context (prompt plus completion) of one sequence; `None`: the model's training
     /// context, capped at 2048. Each sequence owns this many KV cells, so the KV cache takes
-    /// `max_sequences × context_length` cells (17 KiB each for the default model).
+    /// `max_sequences × context_length` cells (12 KiB each for the default model).
     pub context_length: Option<u32>,
     /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
     /// reserved, not resident: pages become resident only as sequences write their cells.
@@ -54,13 +54,13 @@ pub struct EngineConfig {
     pub max_queue_wait: Option<Duration>,
     /// Keep the KV state of finished sequences for later prompts that start the same way.
     pub prefix_cache: bool,
-    /// Flash attention or the plain attention, both over Q8_0 keys and F16 values (17 KiB a
-    /// cell for the default model) and both batch-invariant. With Q4_1 weights flash attention
-    /// was the faster while contexts are short (25-40% more tokens per second at 16 sequences);
-    /// with Q8_0 weights flash attention is still 10-18% the faster there (W1, W2, two runs
-    /// each), and past a few hundred tokens of context the plain attention is much the faster
-    /// (a prompt at ~1,000 cells 2.4× as fast); flash attention keeps answers in the prefix
-    /// cache. See `docs/benchmarks.md`.
+    /// Flash attention (over Q8_0 keys and values, 12 KiB a cell for the default model) or the
+    /// plain attention (Q8_0 keys, F16 values, 17 KiB), both batch-invariant. With Q8_0 weights
+    /// flash attention is 10-18% the faster while contexts are short (W1, W2, two runs each);
+    /// past a few hundred tokens of context the plain attention is the faster (`llama-bench`,
+    /// a 32-token prompt after 1,024 cells: 358 tokens a second against 197, decoding there
+    /// about even); flash attention keeps answers in the prefix cache. See
+    /// `docs/benchmarks.md`.
     pub flash_attention: bool,
     /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
     /// estimated from the measured step costs: while any decode, a step computes at most that

@@ -188,18 +188,19 @@ pub(crate) fn file_key(path: &Path) -> std::io::Result<String> {
 
 /// The KV cache's key and value types for an attention setting and head size.
 ///
-/// Flash attention: keys in Q8_0 and values in F16. llama.cpp's CPU flash attention has two fast
-/// paths that make a row's result depend on the batch: a tiled one for many queries of one
-/// stream (prompt chunks of 64 or more) and one that splits the keys of a lone query among the
+/// Flash attention: keys and values in Q8_0. llama.cpp's CPU flash attention has two fast paths
+/// that make a row's result depend on the batch: a tiled one for many queries of one stream
+/// (prompt chunks of 64 or more) and one that splits the keys of a lone query among the
 /// threads (one sequence decoding past 512 cells). Both need keys and values of one F16 or F32
-/// type; with two types every query row is computed on its own, its cells in order, whatever
-/// else is in the batch, and a decoding row exactly as a prompt row. Of the pairs that do that,
-/// Q8_0/F16 is the quickest (measured with `llama-bench`, 32-token prompts at 1,024 cells: 92.5
-/// tokens a second against 78.9 for F16/BF16; decoding there 54 against 47) and the smallest
-/// (17 KiB a cell for the default model against 22.5), at a cost in fidelity like F16/BF16's
-/// (KL divergence from F32/F32 over 11k tokens: 0.0044 against 0.0040; same top token 95.6%
-/// against 95.9%). Heads whose size Q8_0's 32-element blocks do not divide keep F16 keys with
-/// BF16 values.
+/// type; with any other types every query row is computed on its own, its cells in order,
+/// whatever else is in the batch, and a decoding row exactly as a prompt row. Of those, Q8_0
+/// for both is the quickest and the smallest: its values are widened to F32 and summed in F32,
+/// where F16 values are summed into an F16 accumulator, converted both ways for every cell.
+/// Measured with `llama-bench` on an AVX-512 machine (tokens a second, Q8_0 values against
+/// F16): 48-token prompts after 256 cells 406 against 259, 32 after 1,024 cells 197 against 99,
+/// decoding there 73 against 50, equal at depth 0; on AVX2 machines the two were within the
+/// runs' spread. 12 KiB a cell for the default model (12,240 bytes; 17,640 with F16 values).
+/// Heads whose size Q8_0's 32-element blocks do not divide keep F16 keys with BF16 values.
 ///
 /// The plain attention: Q8_0 keys as well (llama.cpp quantizes the queries to multiply them, by
 /// the same kernel as the Q8_0 weights, batch-invariant like them), F16 values (it keeps values
@@ -207,12 +208,11 @@ pub(crate) fn file_key(path: &Path) -> std::io::Result<String> {
 /// (`llama-bench`, 48-token prompts and decoding at 0, 512 and 1,024 cells, twice) and a quarter
 /// smaller. F16 keys where Q8_0's blocks do not divide the head.
 pub(crate) fn kv_types(flash_attention: bool, head_dim: u64) -> (KvCacheType, KvCacheType) {
-    if head_dim.is_multiple_of(32) {
-        (KvCacheType::Q8_0, KvCacheType::F16)
-    } else if flash_attention {
-        (KvCacheType::F16, KvCacheType::BF16)
-    } else {
-        (KvCacheType::F16, KvCacheType::F16)
+    match (flash_attention, head_dim.is_multiple_of(32)) {
+        (true, true) => (KvCacheType::Q8_0, KvCacheType::Q8_0),
+        (false, true) => (KvCacheType::Q8_0, KvCacheType::F16),
+        (true, false) => (KvCacheType::F16, KvCacheType::BF16),
+        (false, false) => (KvCacheType::F16, KvCacheType::F16),
     }
 }
 
@@ -242,15 +242,17 @@ mod tests {
             let (k, v) = kv_types(flash, 64);
             30 * 3 * (element_bytes(k, 64) + element_bytes(v, 64))
         };
-        // Q8_0 keys: 2 blocks of 34 bytes a head; F16 values: 128 bytes.
-        assert_eq!(cell(true), 17_640);
-        // The plain attention: the same Q8_0 keys (its values must be of a float type).
+        // Flash attention: Q8_0 keys and values, 2 blocks of 34 bytes a head each.
+        assert_eq!(cell(true), 12_240);
+        // The plain attention: the same Q8_0 keys, F16 values (they must be of a float type).
         assert_eq!(cell(false), 17_640);
-        // Keys and values always of two types with flash attention (its per-row path), also
-        // where Q8_0's blocks do not fit the head.
+        // Flash attention never gets keys and values of one F16 or F32 type, the condition of
+        // llama.cpp's tiled and split-key paths (results that depend on the batch), also where
+        // Q8_0's blocks do not fit the head.
         for head in [64, 80, 96, 128, 256] {
             let (k, v) = kv_types(true, head);
-            assert_ne!(k, v, "head {head}");
+            let float = |t| matches!(t, KvCacheType::F16 | KvCacheType::F32);
+            assert!(!(k == v && float(k)), "head {head}: {k:?}/{v:?}");
         }
         assert_eq!(kv_types(true, 80), (KvCacheType::F16, KvCacheType::BF16));
         // Where they do not, the plain attention keeps F16 for both.
