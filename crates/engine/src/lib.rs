@@ -40,7 +40,9 @@ pub struct EngineConfig {
     /// `max_sequences × context_length` cells (12 KiB each for the default model).
     pub context_length: Option<u32>,
     /// Address space for the KV cache when `max_sequences` is not given, in MiB. It is
-    /// reserved, not resident: pages become resident only as sequences write their cells.
+    /// reserved, not resident: pages become resident only as sequences write their cells. The
+    /// long-prompt context (see [`long_prompt_tokens`](Self::long_prompt_tokens)) reserves
+    /// its own, for a quarter as many sequences.
     pub kv_cache_mib: u32,
     /// Tokens processed in one forward step, prompt chunks and decode tokens together.
     pub batch_size: u32,
@@ -59,9 +61,17 @@ pub struct EngineConfig {
     /// flash attention is 10-18% the faster while contexts are short (W1, W2, two runs each);
     /// past a few hundred tokens of context the plain attention is the faster (`llama-bench`,
     /// a 32-token prompt after 1,024 cells: 358 tokens a second against 197, decoding there
-    /// about even); flash attention keeps answers in the prefix cache. See
-    /// `docs/benchmarks.md`.
+    /// about even); flash attention keeps answers in the prefix cache. With
+    /// [`long_prompt_tokens`](Self::long_prompt_tokens) long prompts get the plain attention
+    /// anyway. See `docs/benchmarks.md`.
     pub flash_attention: bool,
+    /// With flash attention, prompts of at least this many tokens are computed, and their
+    /// answers generated, in a second context with the plain attention (a quarter as many
+    /// sequences, its own prefix cache), which is much quicker over long contexts: a shared
+    /// system prompt of 1,000 tokens, a long conversation. Which context a request takes
+    /// depends only on its prompt's length, so outputs stay the same alone and under load.
+    /// `None`: one context for every prompt.
+    pub long_prompt_tokens: Option<u32>,
     /// Longest a forward step's prompt chunks should hold the sequences that are decoding,
     /// estimated from the measured step costs: while any decode, a step computes at most that
     /// many seconds' worth of prompt rows (at least 16), so a long prompt is spread over steps
@@ -129,6 +139,7 @@ impl Default for EngineConfig {
             max_queue_wait: Some(Duration::from_secs(30)),
             prefix_cache: true,
             flash_attention: true,
+            long_prompt_tokens: Some(512),
             max_prompt_stall: Some(Duration::from_millis(250)),
             weights: WeightFormat::Auto,
             weights_dir: None,
@@ -155,9 +166,24 @@ pub struct ModelInfo {
     pub vocab_size: u32,
     /// Stable for a given model file, build and engine configuration: `fp_` and 10 hex digits.
     pub fingerprint: String,
-    /// Sequences decoded together, at most.
+    /// Sequences decoded together, at most (those of the long-prompt lane not counted).
     pub max_sequences: u32,
     /// Bytes of KV cache one token of context takes.
+    pub kv_bytes_per_cell: u64,
+    /// The plain-attention lane for long prompts, if there is one.
+    pub long_prompts: Option<LongPrompts>,
+}
+
+/// The lane for long prompts: a second context, with the plain attention, that takes every
+/// request whose prompt has at least `from_tokens` tokens (see
+/// [`EngineConfig::long_prompt_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongPrompts {
+    /// Prompts of this many tokens or more take this lane.
+    pub from_tokens: u32,
+    /// Sequences it decodes together, at most.
+    pub sequences: u32,
+    /// Bytes of its KV cache one token of context takes.
     pub kv_bytes_per_cell: u64,
 }
 
@@ -414,7 +440,7 @@ pub struct LoadStats {
     pub queued: u64,
     /// Sequences being decoded.
     pub running: u64,
-    /// Sequences it may run at once (KV streams).
+    /// Sequences it may run at once (KV streams), the long-prompt lane's included.
     pub max_sequences: u64,
     /// KV cells in all: streams × context length.
     pub kv_cells: u64,
@@ -560,11 +586,13 @@ impl Engine {
         let g = &self.gauges;
         let n = |v: usize| v as u64;
         let info = &self.model.info;
+        let sequences =
+            u64::from(info.max_sequences) + info.long_prompts.map_or(0, |l| u64::from(l.sequences));
         LoadStats {
             queued: n(g.queued.load(Ordering::Relaxed)),
             running: n(g.running.load(Ordering::Relaxed)),
-            max_sequences: u64::from(info.max_sequences),
-            kv_cells: u64::from(info.max_sequences) * u64::from(info.context_length),
+            max_sequences: sequences,
+            kv_cells: sequences * u64::from(info.context_length),
             kv_cells_live: n(g.live_cells.load(Ordering::Relaxed)),
             kv_cells_cached: n(g.cached_cells.load(Ordering::Relaxed)),
             warm_streams: n(g.warm_streams.load(Ordering::Relaxed)),

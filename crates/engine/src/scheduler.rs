@@ -1,4 +1,10 @@
-//! The engine thread: continuous batching over one llama.cpp context, one KV stream per sequence.
+//! The engine thread: continuous batching over llama.cpp contexts, one KV stream per sequence.
+//!
+//! The thread holds one context per lane (`Lanes`): the flash attention's, and with
+//! `long_prompt_tokens` a second one with the plain attention for prompts at least that long
+//! (see `model::LongLane`). A request's lane depends only on its prompt's length. Each lane is a
+//! `Scheduler` (below: its own streams, queue, prefix cache and step costs); the thread runs a
+//! step of each in turn.
 //!
 //! Each sequence id owns its own KV stream (`kv_unified = false`), laid out from position 0 the
 //! same way whatever else runs: that keeps a sequence's arithmetic, and so its output, identical
@@ -77,31 +83,6 @@ pub(crate) fn start(
                     None => tracing::debug!("engine threads keep the server's priority"),
                 }
             }
-            let threads = i32::try_from(config.thread_count()).unwrap_or(i32::MAX);
-            let sequences = model.info.max_sequences;
-            let step = config.batch_size + sequences;
-            let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(model.info.context_length * sequences))
-                .with_n_batch(step)
-                .with_n_ubatch(step)
-                .with_n_seq_max(sequences)
-                .with_kv_unified(false)
-                .with_n_threads(threads)
-                .with_n_threads_batch(threads);
-            // Both attention settings compute every query row the same way whatever else is
-            // in the batch; the KV types that keep the flash attention there: `kv_types`.
-            let (type_k, type_v) = model.kv_types;
-            let policy = if config.flash_attention {
-                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
-            } else {
-                // The plain attention computes every query row over all of its stream's
-                // cells with the same kernels whatever the batch (at least `MIN_CHUNK` rows).
-                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
-            };
-            let params = params
-                .with_flash_attention_policy(policy)
-                .with_type_k(type_k)
-                .with_type_v(type_v);
             let backend = match backend() {
                 Ok(b) => b,
                 Err(e) => {
@@ -110,23 +91,47 @@ pub(crate) fn start(
                 }
             };
             let before = kvmem::Snapshot::take();
-            let ctx = match model.model.new_context(backend, params) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(EngineError::Context(e.to_string())));
-                    return;
+            // The flash attention's context, and the plain attention's for long prompts.
+            let mut lanes = Vec::new();
+            let mut shapes = vec![(
+                config.flash_attention,
+                model.kv_types,
+                model.info.max_sequences,
+            )];
+            if let Some(l) = &model.long_lane {
+                shapes.push((false, l.kv_types, l.sequences));
+            }
+            for (flash, kv_types, sequences) in shapes {
+                match context(&model, backend, &config, flash, kv_types, sequences) {
+                    Ok(ctx) => lanes.push(Scheduler::new(
+                        &model,
+                        ctx,
+                        &config,
+                        gauges.clone(),
+                        sequences,
+                        flash,
+                    )),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
                 }
-            };
+            }
             // The KV cache, zeroed by llama.cpp, stays reserved but not resident until used.
             let released = kvmem::release_zeroed(&before);
             tracing::debug!(released_mib = released >> 20, "zeroed KV memory given back");
             // However the loop ends, a panic included, the engine reports itself stopped.
             let _stopped = StoppedOnDrop(gauges.clone());
-            let mut s = Scheduler::new(&model, ctx, &config, gauges);
             // Admission by expected wait needs the step costs from the first request on.
-            s.calibrate();
+            lanes[0].calibrate();
             let _ = ready_tx.send(Ok(()));
-            s.run(&rx);
+            let long_from = model.long_lane.as_ref().map(|l| l.from_tokens as usize);
+            Lanes {
+                lanes,
+                long_from,
+                gauges,
+            }
+            .run(&rx);
         })
         .map_err(|e| EngineError::Context(e.to_string()))?;
     match ready_rx.recv() {
@@ -134,6 +139,47 @@ pub(crate) fn start(
         Ok(Err(e)) => Err(e),
         Err(_) => Err(EngineError::Context("engine thread ended".into())),
     }
+}
+
+/// A llama.cpp context for `sequences` sequences of the model's context length, one KV stream
+/// each, with flash or plain attention over KV caches of `kv_types`.
+fn context<'m>(
+    model: &'m LoadedModel,
+    backend: &llama_cpp_2::llama_backend::LlamaBackend,
+    config: &EngineConfig,
+    flash: bool,
+    (type_k, type_v): (
+        llama_cpp_2::context::params::KvCacheType,
+        llama_cpp_2::context::params::KvCacheType,
+    ),
+    sequences: u32,
+) -> Result<LlamaContext<'m>, EngineError> {
+    let threads = i32::try_from(config.thread_count()).unwrap_or(i32::MAX);
+    let step = config.batch_size + sequences;
+    // Both attention settings compute every query row the same way whatever else is in the
+    // batch; the KV types that keep the flash attention there: `kv_types`. The plain attention
+    // computes every query row over all of its stream's cells with the same kernels whatever
+    // the batch (at least `MIN_CHUNK` rows).
+    let policy = if flash {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+    } else {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(model.info.context_length * sequences))
+        .with_n_batch(step)
+        .with_n_ubatch(step)
+        .with_n_seq_max(sequences)
+        .with_kv_unified(false)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_flash_attention_policy(policy)
+        .with_type_k(type_k)
+        .with_type_v(type_v);
+    model
+        .model
+        .new_context(backend, params)
+        .map_err(|e| EngineError::Context(e.to_string()))
 }
 
 struct StoppedOnDrop(Arc<Gauges>);
@@ -313,6 +359,142 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// The engine thread's contexts ("lanes"): the flash attention's, and the plain attention's for
+/// prompts of `long_from` tokens or more when there is one (see `model::LongLane`). Each has its
+/// own KV streams, queue, prefix cache and step costs; the thread runs one forward pass at a
+/// time, a step of each lane in turn.
+struct Lanes<'m> {
+    lanes: Vec<Scheduler<'m>>,
+    long_from: Option<usize>,
+    gauges: Arc<Gauges>,
+}
+
+impl Lanes<'_> {
+    fn run(&mut self, rx: &Receiver<Command>) {
+        loop {
+            // 1. Commands: wait when idle, otherwise just look.
+            let idle = self
+                .lanes
+                .iter()
+                .all(|l| l.seqs.is_empty() && l.waiting.is_empty());
+            if idle {
+                self.publish();
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            for lane in &mut self.lanes {
+                lane.drop_cancelled();
+                lane.admit();
+                lane.compact();
+            }
+            self.publish();
+            self.publish_releases();
+            for i in 0..self.lanes.len() {
+                let others = (0..self.lanes.len())
+                    .filter(|&j| j != i)
+                    .map(|j| self.lanes[j].decoding())
+                    .sum();
+                let lane = &mut self.lanes[i];
+                lane.others_decoding = others;
+                lane.timed_step();
+            }
+            // Admission estimates use the flash attention's costs: most requests run there.
+            if let Some(c) = self.lanes[0].cost.coefficients() {
+                let lane = &mut self.lanes[0];
+                self.gauges.pace.set_costs(c);
+                lane.steps += 1;
+                if lane.steps.is_multiple_of(256) {
+                    tracing::debug!(
+                        per_pass_us = (c.0 * 1e6) as u64,
+                        per_row_us = (c.1 * 1e6) as u64,
+                        "step costs"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Queues a request in the lane its prompt's length picks, or shuts down (false).
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(b) => {
+                let (generation, tx, tally) = *b;
+                let long = self
+                    .long_from
+                    .is_some_and(|from| generation.prompt.len() >= from);
+                let lane = usize::from(long).min(self.lanes.len() - 1);
+                self.lanes[lane].enqueue(generation, tx, tally);
+                true
+            }
+            Command::Shutdown => {
+                for lane in &mut self.lanes {
+                    lane.fail_all("the engine is shutting down");
+                }
+                false
+            }
+        }
+    }
+
+    /// Publishes when each running sequence should end (see `Scheduler::release_ends`).
+    fn publish_releases(&self) {
+        let pace = &self.gauges.pace;
+        let (Some(costs), Some((_, usual))) = (pace.costs(), pace.usual()) else {
+            return;
+        };
+        let ends: Vec<f64> = self
+            .lanes
+            .iter()
+            .flat_map(|l| l.release_ends(costs, usual))
+            .collect();
+        tracing::trace!(
+            running = ends.len(),
+            first = ends.iter().copied().reduce(f64::min),
+            last = ends.iter().copied().reduce(f64::max),
+            per_row = costs.1,
+            usual,
+            "releases"
+        );
+        pace.set_releases(ends);
+    }
+
+    /// Publishes the load figures the metrics read, summed over the lanes.
+    fn publish(&self) {
+        let (mut running, mut live, mut cached, mut warm) = (0, 0, 0, 0);
+        for l in &self.lanes {
+            running += l.seqs.len();
+            live += l.seqs.iter().map(|s| s.n_past).sum::<usize>();
+            cached += l
+                .free_ids
+                .iter()
+                .map(|&id| l.slots[id as usize].tokens.len())
+                .sum::<usize>();
+            warm += l.slots.iter().filter(|s| s.touched).count();
+        }
+        let g = &self.gauges;
+        g.running.store(running, Ordering::Relaxed);
+        g.live_cells.store(live, Ordering::Relaxed);
+        g.cached_cells.store(cached, Ordering::Relaxed);
+        g.warm_streams.store(warm, Ordering::Relaxed);
+    }
+}
+
 struct Scheduler<'m> {
     model: &'m LoadedModel,
     ctx: LlamaContext<'m>,
@@ -342,6 +524,8 @@ struct Scheduler<'m> {
     /// Most prompt tokens of one sequence computed in one pass during the step under way:
     /// `batch_size`, or fewer while sequences decode (see `chunk_limit`).
     chunk: usize,
+    /// Sequences decoding in the other lane: a step's prompt rows hold them too.
+    others_decoding: usize,
 }
 
 impl<'m> Scheduler<'m> {
@@ -350,8 +534,9 @@ impl<'m> Scheduler<'m> {
         ctx: LlamaContext<'m>,
         config: &EngineConfig,
         gauges: Arc<Gauges>,
+        sequences: u32,
+        flash: bool,
     ) -> Self {
-        let sequences = model.info.max_sequences;
         let step = (config.batch_size + sequences) as usize;
         Self {
             model,
@@ -368,7 +553,7 @@ impl<'m> Scheduler<'m> {
             piece: Vec::new(),
             slots: vec![Slot::default(); sequences as usize],
             prefix_cache: config.prefix_cache,
-            reuse_generated: config.flash_attention,
+            reuse_generated: flash,
             tick: 0,
             step_passes: 0,
             step_rows: 0,
@@ -376,6 +561,7 @@ impl<'m> Scheduler<'m> {
             steps: 0,
             max_stall: config.max_prompt_stall,
             chunk: config.batch_size as usize,
+            others_decoding: 0,
         }
     }
 
@@ -417,78 +603,41 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn run(&mut self, rx: &Receiver<Command>) {
-        loop {
-            // 1. Commands: wait when idle, otherwise just look.
-            if self.seqs.is_empty() && self.waiting.is_empty() {
-                self.publish();
-                match rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-            loop {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-            self.drop_cancelled();
-            self.admit();
-            self.compact();
-            self.publish();
-            self.publish_releases();
-            if self.seqs.is_empty() {
-                continue;
-            }
-            let started = std::time::Instant::now();
-            (self.step_passes, self.step_rows) = (0, 0);
-            if let Err(message) = self.step() {
-                tracing::error!(%message, "engine step failed");
-                self.fail_all(&message);
-                continue;
-            }
-            self.cost.observe(
-                self.step_passes,
-                self.step_rows,
-                started.elapsed().as_secs_f64(),
-            );
-            if let Some(c) = self.cost.coefficients() {
-                self.gauges.pace.set_costs(c);
-                self.steps += 1;
-                if self.steps.is_multiple_of(256) {
-                    tracing::debug!(
-                        per_pass_us = (c.0 * 1e6) as u64,
-                        per_row_us = (c.1 * 1e6) as u64,
-                        "step costs"
-                    );
-                }
-            }
-        }
+    /// Sequences that decode in the next step.
+    fn decoding(&self) -> usize {
+        self.seqs
+            .iter()
+            .filter(|s| s.leader.is_none() && !s.done && s.n_past >= s.prompt_len)
+            .count()
     }
 
-    /// Publishes when each running sequence should end (for admission by expected wait): its
-    /// prompt still to compute and its tokens still to generate, at the measured step costs with
-    /// every sequence decoding. A sequence that cannot end before its limit (`ignore_eos`, no
-    /// stop strings, no grammar) runs to it; any other is expected to take the usual output
-    /// (within its limit), and one past that is given half of it again.
-    fn publish_releases(&self) {
-        let pace = &self.gauges.pace;
-        let (Some(costs), Some((_, usual))) = (pace.costs(), pace.usual()) else {
+    /// Runs one step (if any sequence is in flight) and folds its time into the step costs.
+    fn timed_step(&mut self) {
+        if self.seqs.is_empty() {
             return;
-        };
+        }
+        let started = std::time::Instant::now();
+        (self.step_passes, self.step_rows) = (0, 0);
+        if let Err(message) = self.step() {
+            tracing::error!(%message, "engine step failed");
+            self.fail_all(&message);
+            return;
+        }
+        self.cost.observe(
+            self.step_passes,
+            self.step_rows,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// When each running sequence should end, in seconds from now (for admission by expected
+    /// wait): its prompt still to compute and its tokens still to generate, at the measured
+    /// step costs with every sequence decoding. A sequence that cannot end before its limit
+    /// (`ignore_eos`, no stop strings, no grammar) runs to it; any other is expected to take the
+    /// usual output (within its limit), and one past that is given half of it again.
+    fn release_ends(&self, costs: (f64, f64), usual: f64) -> Vec<f64> {
         let sequences = self.slots.len();
-        let ends = self
-            .seqs
+        self.seqs
             .iter()
             .filter(|s| !s.done)
             .map(|s| {
@@ -520,57 +669,26 @@ impl<'m> Scheduler<'m> {
                     admission::share(costs, sequences, self.batch_size, prompt as f64, left);
                 sequences as f64 * share
             })
-            .collect::<Vec<f64>>();
-        tracing::trace!(
-            running = ends.len(),
-            first = ends.iter().copied().reduce(f64::min),
-            last = ends.iter().copied().reduce(f64::max),
-            per_row = costs.1,
-            usual,
-            "releases"
-        );
-        pace.set_releases(ends);
+            .collect()
     }
 
-    /// Publishes the load figures the metrics read.
-    fn publish(&self) {
-        let g = &self.gauges;
-        g.running.store(self.seqs.len(), Ordering::Relaxed);
-        let live: usize = self.seqs.iter().map(|s| s.n_past).sum();
-        let cached: usize = self
-            .free_ids
-            .iter()
-            .map(|&id| self.slots[id as usize].tokens.len())
-            .sum();
-        g.live_cells.store(live, Ordering::Relaxed);
-        g.cached_cells.store(cached, Ordering::Relaxed);
-        g.warm_streams.store(
-            self.slots.iter().filter(|s| s.touched).count(),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn handle(&mut self, cmd: Command) -> bool {
-        match cmd {
-            Command::Submit(b) => {
-                let (generation, tx, tally) = *b;
-                self.next_id += 1;
-                self.waiting.push_back(Request {
-                    id: self.next_id,
-                    generation,
-                    tx,
-                    tally,
-                    next_choice: 0,
-                    finished: 0,
-                    admitted: false,
-                });
-                true
-            }
-            Command::Shutdown => {
-                self.fail_all("the engine is shutting down");
-                false
-            }
-        }
+    /// Queues a submitted request.
+    fn enqueue(
+        &mut self,
+        generation: Generation,
+        tx: UnboundedSender<Event>,
+        tally: Arc<TallyGuard>,
+    ) {
+        self.next_id += 1;
+        self.waiting.push_back(Request {
+            id: self.next_id,
+            generation,
+            tx,
+            tally,
+            next_choice: 0,
+            finished: 0,
+            admitted: false,
+        });
     }
 
     /// Requests whose stream was dropped: free their sequences now.
@@ -1107,10 +1225,16 @@ impl<'m> Scheduler<'m> {
     /// `max_prompt_stall` (at least `MIN_STALL_ROWS`), so that a long prompt is computed over
     /// several steps, each of which also gives every decoding sequence its next token.
     fn chunk_limit(&self, decoding: usize) -> usize {
+        let decoding = decoding + self.others_decoding;
         let (Some(stall), true) = (self.max_stall, decoding > 0) else {
             return self.batch_size;
         };
-        let Some((per_pass, per_row)) = self.gauges.pace.costs() else {
+        // This context's own costs once measured (the long-prompt lane's rows cost more).
+        let Some((per_pass, per_row)) = self
+            .cost
+            .coefficients()
+            .or_else(|| self.gauges.pace.costs())
+        else {
             return self.batch_size;
         };
         let rows = (stall.as_secs_f64() - per_pass).max(0.0) / per_row;

@@ -105,6 +105,9 @@ pub struct EngineSection {
     pub prefix_cache: Option<bool>,
     /// Flash attention (default: on; off is faster for long contexts, see the engine's docs).
     pub flash_attention: Option<bool>,
+    /// With flash attention, prompts of at least this many tokens run in a second context with
+    /// the plain attention, much faster over long contexts (default 512; 0: one context).
+    pub long_prompt_tokens: Option<u32>,
     /// Longest a step's prompt chunks hold decoding streams, in milliseconds (default 250;
     /// 0: prompt chunks up to `batch_size` tokens).
     pub max_prompt_stall_ms: Option<u64>,
@@ -129,6 +132,7 @@ impl EngineSection {
             max_queue_wait_seconds: self.max_queue_wait_seconds.or(other.max_queue_wait_seconds),
             prefix_cache: self.prefix_cache.or(other.prefix_cache),
             flash_attention: self.flash_attention.or(other.flash_attention),
+            long_prompt_tokens: self.long_prompt_tokens.or(other.long_prompt_tokens),
             max_prompt_stall_ms: self.max_prompt_stall_ms.or(other.max_prompt_stall_ms),
             weights: self.weights.clone().or_else(|| other.weights.clone()),
             compute_nice: self.compute_nice.or(other.compute_nice),
@@ -155,6 +159,11 @@ impl EngineSection {
             },
             prefix_cache: self.prefix_cache.unwrap_or(d.prefix_cache),
             flash_attention: self.flash_attention.unwrap_or(d.flash_attention),
+            long_prompt_tokens: match self.long_prompt_tokens {
+                None => d.long_prompt_tokens,
+                Some(0) => None,
+                Some(n) => Some(n),
+            },
             max_prompt_stall: match self.max_prompt_stall_ms {
                 None => d.max_prompt_stall,
                 Some(0) => None,
@@ -344,6 +353,20 @@ mod tests {
         }
         .build()
         .is_err());
+        // Long prompts take the plain attention from 512 tokens unless told otherwise; 0: never.
+        let long = |n: Option<u32>| {
+            EngineSection {
+                long_prompt_tokens: n,
+                ..Default::default()
+            }
+            .build()
+            .ok()
+            .map(|c| c.long_prompt_tokens)
+        };
+        assert_eq!(
+            (long(None), long(Some(0)), long(Some(300))),
+            (Some(Some(512)), Some(None), Some(Some(300)))
+        );
         // The compute threads' priority: lowered by 10 unless told otherwise, within nice's range.
         let nice = |n: Option<u8>| {
             EngineSection {

@@ -449,16 +449,53 @@ async fn concurrent_greedy_matches_solo_with_plain_attention() {
     );
 }
 
-/// api-contract 32: the same greedy request alone and under `n`-way concurrency gives the same
-/// output, compared here to the last bit of every log probability. The prompt is long (past 256
-/// tokens, where a lone sequence and a batch of them could take different attention paths), and
-/// the other requests come and go while it runs.
-async fn batch_invariance(s: &Server, n: u32) {
+/// A greedy request with a prompt of some 330 tokens (40 facts), log probabilities on.
+fn facts_body() -> Value {
     let facts: String = (1..=40)
         .map(|i| format!("Fact {i}: the number {i} squared is {}. ", i * i))
         .collect();
     let mut body = greedy(&format!("{facts}\nSummarise these facts."), 40);
     body["logprobs"] = json!(true);
+    body
+}
+
+/// Prompts of `--long-prompt-tokens` (512) tokens or more run in a second context, with the
+/// plain attention: a long prompt's output is the plain attention's (to the last bit of every
+/// log probability, as from a server with only the plain attention), a short one's the flash
+/// attention's. (`concurrent_greedy_matches_solo` runs both contexts at once.)
+#[tokio::test]
+async fn long_prompts_take_the_plain_attention_context() {
+    let plain = Server::start(&["--no-flash-attention"]);
+    let flash = Server::start(&["--long-prompt-tokens", "0"]);
+    let long = facts_body();
+    let (status, _, v) = post(shared(), &long).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 512);
+    let lanes = tokens_and_logprobs(&v);
+    assert_eq!(lanes, tokens_and_logprobs(&post(&plain, &long).await.2));
+    assert_ne!(lanes.1, tokens_and_logprobs(&post(&flash, &long).await.2).1);
+    let mut short = greedy("Write a poem about the number 3.", 12);
+    short["logprobs"] = json!(true);
+    assert_eq!(
+        tokens_and_logprobs(&post(shared(), &short).await.2),
+        tokens_and_logprobs(&post(&flash, &short).await.2)
+    );
+    // The threshold decides outputs, so it is part of the fingerprint.
+    let fp = |v: Value| v["system_fingerprint"].as_str().unwrap().to_string();
+    assert_ne!(
+        fp(post(shared(), &short).await.2),
+        fp(post(&flash, &short).await.2)
+    );
+}
+
+/// api-contract 32: the same greedy request alone and under `n`-way concurrency gives the same
+/// output, compared here to the last bit of every log probability. The prompt is long (some 700
+/// tokens: past 256, where a lone sequence and a batch of them could take different attention
+/// paths, and past 512, so that with the defaults it runs in the plain-attention context while
+/// the short ones run in the flash attention's), and the other requests come and go while it
+/// runs.
+async fn batch_invariance(s: &Server, n: u32) {
+    let body = facts_body();
     let (status, _, v) = post(s, &body).await;
     assert_eq!(status, 200, "{v}");
     assert!(
