@@ -65,8 +65,8 @@ pub struct EngineConfig {
     /// [`long_prompt_tokens`](Self::long_prompt_tokens) long prompts get the plain attention
     /// anyway. See `docs/benchmarks.md`.
     pub flash_attention: bool,
-    /// With flash attention, prompts of at least this many tokens are computed, and their
-    /// answers generated, in a second context with the plain attention (a quarter as many
+    /// With flash attention on CPU, prompts of at least this many tokens are computed, and
+    /// their answers generated, in a second context with the plain attention (a quarter as many
     /// sequences, its own prefix cache), which is much quicker over long contexts: a shared
     /// system prompt of 1,000 tokens, a long conversation. Which context a request takes
     /// depends only on its prompt's length, so outputs stay the same alone and under load.

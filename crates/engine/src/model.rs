@@ -108,12 +108,8 @@ impl LoadedModel {
             let fit = u64::from(config.kv_cache_mib) * (1 << 20) / per_sequence;
             u32::try_from(fit.clamp(1, MAX_AUTO_SEQUENCES)).unwrap_or(1)
         });
-        // Only flash attention has a lane for long prompts beside it, and only for prompts that
-        // fit the context with room to answer.
-        let long_lane = config
-            .long_prompt_tokens
-            .filter(|&from| config.flash_attention && from > 0 && from < context_length)
-            .map(|from_tokens| {
+        let long_lane =
+            long_prompts_from(config, context_length, cfg!(feature = "cuda")).map(|from_tokens| {
                 let kv_types = self::kv_types(false, head_dim);
                 LongLane {
                     from_tokens,
@@ -241,6 +237,15 @@ pub(crate) struct LongLane {
     pub kv_bytes_per_cell: u64,
 }
 
+/// From how many prompt tokens a request takes the long-prompt lane, if there is one: only
+/// beside flash attention, on CPU (the per-row flash path it works around is llama.cpp's CPU
+/// kernel), and for prompts that leave room in the context to answer.
+fn long_prompts_from(config: &EngineConfig, context_length: u32, on_gpu: bool) -> Option<u32> {
+    config
+        .long_prompt_tokens
+        .filter(|&from| !on_gpu && config.flash_attention && from > 0 && from < context_length)
+}
+
 /// The KV cache's key and value types for an attention setting and head size.
 ///
 /// Flash attention: keys and values in Q8_0. llama.cpp's CPU flash attention has two fast paths
@@ -289,6 +294,26 @@ pub(crate) fn llama_cpp_version() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_prompts_get_their_lane_only_beside_flash_attention_on_cpu() {
+        let config = EngineConfig::default();
+        assert_eq!(long_prompts_from(&config, 2048, false), Some(512));
+        // On a GPU the flash attention has its own kernels; prompts that leave no room to
+        // answer never reach the lane; the plain attention everywhere needs no second context.
+        assert_eq!(long_prompts_from(&config, 2048, true), None);
+        assert_eq!(long_prompts_from(&config, 512, false), None);
+        let plain = EngineConfig {
+            flash_attention: false,
+            ..EngineConfig::default()
+        };
+        assert_eq!(long_prompts_from(&plain, 2048, false), None);
+        let off = EngineConfig {
+            long_prompt_tokens: None,
+            ..EngineConfig::default()
+        };
+        assert_eq!(long_prompts_from(&off, 2048, false), None);
+    }
 
     #[test]
     fn kv_cells_are_counted_in_the_types_the_cache_holds() {

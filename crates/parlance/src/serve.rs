@@ -107,8 +107,8 @@ pub struct ServeArgs {
     /// prefix cache.
     #[arg(long, env = "PARLANCE_NO_FLASH_ATTENTION")]
     no_flash_attention: bool,
-    /// With flash attention, prompts of at least this many tokens are computed (and answered)
-    /// in a second context with the plain attention, with a quarter of the sequences: about
+    /// With flash attention on CPU, prompts of at least this many tokens are computed (and
+    /// answered) in a second context with the plain attention, with a quarter of the sequences: about
     /// 1.4x faster prompts after 512 tokens of context, 1.6x after 1,024. Which context a
     /// request takes depends only on its prompt's length; 0: one context [default: 512].
     #[arg(long, env = "PARLANCE_LONG_PROMPT_TOKENS", value_name = "TOKENS")]
