@@ -406,6 +406,7 @@ impl Lanes<'_> {
             }
             self.publish();
             self.publish_releases();
+            let mut stepped = Vec::with_capacity(self.lanes.len());
             for i in 0..self.lanes.len() {
                 let others = (0..self.lanes.len())
                     .filter(|&j| j != i)
@@ -413,10 +414,10 @@ impl Lanes<'_> {
                     .sum();
                 let lane = &mut self.lanes[i];
                 lane.others_decoding = others;
-                lane.timed_step();
+                stepped.push(lane.timed_step());
             }
             // Admission estimates use the flash attention's costs: most requests run there.
-            if let Some(c) = self.lanes[0].cost.coefficients() {
+            if let (Some(c), true) = (self.lanes[0].cost.coefficients(), stepped[0]) {
                 let lane = &mut self.lanes[0];
                 self.gauges.pace.set_costs(c);
                 lane.steps += 1;
@@ -611,23 +612,25 @@ impl<'m> Scheduler<'m> {
             .count()
     }
 
-    /// Runs one step (if any sequence is in flight) and folds its time into the step costs.
-    fn timed_step(&mut self) {
+    /// Runs one step (if any sequence is in flight) and folds its time into the step costs;
+    /// whether it ran.
+    fn timed_step(&mut self) -> bool {
         if self.seqs.is_empty() {
-            return;
+            return false;
         }
         let started = std::time::Instant::now();
         (self.step_passes, self.step_rows) = (0, 0);
         if let Err(message) = self.step() {
             tracing::error!(%message, "engine step failed");
             self.fail_all(&message);
-            return;
+            return false;
         }
         self.cost.observe(
             self.step_passes,
             self.step_rows,
             started.elapsed().as_secs_f64(),
         );
+        true
     }
 
     /// When each running sequence should end, in seconds from now (for admission by expected
