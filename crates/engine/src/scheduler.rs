@@ -101,8 +101,18 @@ pub(crate) fn start(
             if let Some(l) = &model.long_lane {
                 shapes.push((false, l.kv_types, l.sequences));
             }
-            for (flash, kv_types, sequences) in shapes {
-                match context(&model, backend, &config, flash, kv_types, sequences) {
+            for (i, (flash, kv_types, sequences)) in shapes.into_iter().enumerate() {
+                let made =
+                    context(&model, backend, &config, flash, kv_types, sequences).map_err(|e| {
+                        match e {
+                            EngineError::Context(m) if i > 0 => EngineError::Context(format!(
+                                "{m} (the plain-attention context for long prompts; \
+                             long_prompt_tokens = 0 turns it off)"
+                            )),
+                            e => e,
+                        }
+                    });
+                match made {
                     Ok(ctx) => lanes.push(Scheduler::new(
                         &model,
                         ctx,
