@@ -53,8 +53,9 @@ pub(crate) struct LoadedModel {
     pub grammar: Compiler,
     /// Element types of the KV cache's keys and values (see [`kv_types`]).
     pub kv_types: (KvCacheType, KvCacheType),
-    /// The plain-attention context for long prompts, when there is one (see [`LongLane`]).
-    pub long_lane: Option<LongLane>,
+    /// Element types of the long-prompt context's KV cache (the plain attention's), used when
+    /// `info.long_prompts` says there is one (see [`long_prompts_from`]).
+    pub long_kv_types: (KvCacheType, KvCacheType),
     add_bos: bool,
     bos_text: String,
 }
@@ -108,17 +109,17 @@ impl LoadedModel {
             let fit = u64::from(config.kv_cache_mib) * (1 << 20) / per_sequence;
             u32::try_from(fit.clamp(1, MAX_AUTO_SEQUENCES)).unwrap_or(1)
         });
-        let long_lane =
+        let long_kv_types = self::kv_types(false, head_dim);
+        let long_prompts =
             long_prompts_from(config, context_length, cfg!(feature = "cuda")).map(|from_tokens| {
-                let kv_types = self::kv_types(false, head_dim);
-                LongLane {
+                crate::LongPrompts {
                     from_tokens,
                     sequences: (max_sequences / LONG_LANE_SHARE).max(1),
-                    kv_types,
-                    kv_bytes_per_cell: cell_bytes(kv_types),
+                    kv_bytes_per_cell: cell_bytes(long_kv_types),
                 }
             });
-        let fingerprint = fingerprint(&key, config, kv_types, weights, long_lane.as_ref());
+        let long = long_prompts.map(|l| (l.from_tokens, long_kv_types));
+        let fingerprint = fingerprint(&key, config, kv_types, weights, long);
         let info = ModelInfo {
             path: path.to_path_buf(),
             weights,
@@ -129,11 +130,7 @@ impl LoadedModel {
             fingerprint,
             max_sequences,
             kv_bytes_per_cell,
-            long_prompts: long_lane.as_ref().map(|l| crate::LongPrompts {
-                from_tokens: l.from_tokens,
-                sequences: l.sequences,
-                kv_bytes_per_cell: l.kv_bytes_per_cell,
-            }),
+            long_prompts,
         };
         let grammar = Compiler::new(&model)?;
         Ok(Self {
@@ -143,7 +140,7 @@ impl LoadedModel {
             eog,
             grammar,
             kv_types,
-            long_lane,
+            long_kv_types,
             add_bos,
             bos_text,
         })
@@ -176,7 +173,7 @@ fn fingerprint(
     config: &EngineConfig,
     kv_types: (KvCacheType, KvCacheType),
     weights: WeightFormat,
-    long_lane: Option<&LongLane>,
+    long: Option<(u32, (KvCacheType, KvCacheType))>,
 ) -> String {
     let mut h = Sha256::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -186,10 +183,11 @@ fn fingerprint(
     h.update([u8::from(config.flash_attention)]);
     h.update(format!("{kv_types:?}").as_bytes());
     h.update(format!("{weights:?}").as_bytes());
-    // Which prompts take the plain attention (deterministic per request: see `LongLane`).
-    if let Some(l) = long_lane {
-        h.update(l.from_tokens.to_le_bytes());
-        h.update(format!("{:?}", l.kv_types).as_bytes());
+    // Which prompts take the plain attention (deterministic per request: see
+    // `long_prompts_from`), and its KV types.
+    if let Some((from_tokens, kv_types)) = long {
+        h.update(from_tokens.to_le_bytes());
+        h.update(format!("{kv_types:?}").as_bytes());
     }
     let digest = hex::encode(h.finalize());
     format!("fp_{}", &digest[..10])
@@ -216,8 +214,9 @@ pub(crate) fn file_key(path: &Path) -> std::io::Result<String> {
 /// Sequences of the long-prompt lane: this fraction of the flash attention's.
 const LONG_LANE_SHARE: u32 = 4;
 
-/// A second llama.cpp context beside the flash-attention one, with the plain attention, for
-/// prompts of at least `from_tokens` tokens.
+/// From how many prompt tokens a request takes the long-prompt lane, if there is one: only
+/// beside flash attention, on CPU (the per-row flash path it works around is llama.cpp's CPU
+/// kernel), and for prompts that leave room in the context to answer.
 ///
 /// llama.cpp's CPU flash attention, in the per-row path that keeps results batch-invariant
 /// (see [`kv_types`]), computes every query row against every cell one at a time: the quicker
@@ -229,17 +228,6 @@ const LONG_LANE_SHARE: u32 = 4;
 /// prompts get a context of their own. Which one a request takes depends only on its prompt's
 /// length, never on the load, so every request is still computed the same way alone and under
 /// load; both attentions are batch-invariant.
-#[derive(Debug, Clone)]
-pub(crate) struct LongLane {
-    pub from_tokens: u32,
-    pub sequences: u32,
-    pub kv_types: (KvCacheType, KvCacheType),
-    pub kv_bytes_per_cell: u64,
-}
-
-/// From how many prompt tokens a request takes the long-prompt lane, if there is one: only
-/// beside flash attention, on CPU (the per-row flash path it works around is llama.cpp's CPU
-/// kernel), and for prompts that leave room in the context to answer.
 fn long_prompts_from(config: &EngineConfig, context_length: u32, on_gpu: bool) -> Option<u32> {
     config
         .long_prompt_tokens

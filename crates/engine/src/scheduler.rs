@@ -2,7 +2,7 @@
 //!
 //! The thread holds one context per lane (`Lanes`): the flash attention's, and with
 //! `long_prompt_tokens` a second one with the plain attention for prompts at least that long
-//! (see `model::LongLane`). A request's lane depends only on its prompt's length. Each lane is a
+//! (see `model::long_prompts_from`). A request's lane depends only on its prompt's length. Each lane is a
 //! `Scheduler` (below: its own streams, queue, prefix cache and step costs); the thread runs a
 //! step of each in turn.
 //!
@@ -98,8 +98,8 @@ pub(crate) fn start(
                 model.kv_types,
                 model.info.max_sequences,
             )];
-            if let Some(l) = &model.long_lane {
-                shapes.push((false, l.kv_types, l.sequences));
+            if let Some(l) = model.info.long_prompts {
+                shapes.push((false, model.long_kv_types, l.sequences));
             }
             for (i, (flash, kv_types, sequences)) in shapes.into_iter().enumerate() {
                 let made =
@@ -135,7 +135,7 @@ pub(crate) fn start(
             // Admission by expected wait needs the step costs from the first request on.
             lanes[0].calibrate();
             let _ = ready_tx.send(Ok(()));
-            let long_from = model.long_lane.as_ref().map(|l| l.from_tokens as usize);
+            let long_from = model.info.long_prompts.map(|l| l.from_tokens as usize);
             Lanes {
                 lanes,
                 long_from,
@@ -370,7 +370,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// The engine thread's contexts ("lanes"): the flash attention's, and the plain attention's for
-/// prompts of `long_from` tokens or more when there is one (see `model::LongLane`). Each has its
+/// prompts of `long_from` tokens or more when there is one (see `model::long_prompts_from`). Each has its
 /// own KV streams, queue, prefix cache and step costs; the thread runs one forward pass at a
 /// time, a step of each lane in turn.
 struct Lanes<'m> {
