@@ -33,6 +33,8 @@
 //!    in one pass. While sequences decode, a step's prompt rows are also bounded by
 //!    `max_prompt_stall` (by the measured cost of a row), so a long prompt is computed over many
 //!    steps, each of which gives every running stream its next token (chunked prefill).
+//!    Requests that arrive during a step are admitted between its prompt passes (`Inbox`) and
+//!    join them.
 //! 5. After each pass, sample each sequence that has logits; stream its text; finish it on end of
 //!    turn, a stop string, `max_tokens` or the context length, and free its sequence id.
 
@@ -379,9 +381,60 @@ struct Lanes<'m> {
     gauges: Arc<Gauges>,
 }
 
+/// The lane a request runs in: the long-prompt lane (the last) when its prompt is at least
+/// `long_from` tokens, otherwise the first.
+fn lane_for(long_from: Option<usize>, lanes: usize, generation: &Generation) -> usize {
+    let long = long_from.is_some_and(|from| generation.prompt.len() >= from);
+    usize::from(long).min(lanes - 1)
+}
+
+/// Commands taken between the passes of a step. A request for the lane stepping is queued and
+/// admitted at once, so that one arriving during a step of several prompt passes joins them
+/// instead of waiting for the step to end (its first token can come a whole step sooner);
+/// anything else (a request for the other lane, shutting down) waits for the step's end, in
+/// order.
+struct Inbox<'r> {
+    rx: &'r Receiver<Command>,
+    lane: usize,
+    lanes: usize,
+    long_from: Option<usize>,
+    deferred: &'r mut VecDeque<Command>,
+}
+
+impl Inbox<'_> {
+    fn take(&mut self, lane: &mut Scheduler<'_>) {
+        let mut queued = false;
+        // After a shutdown nothing more is taken: the step ends and the thread stops.
+        while !self.deferred.iter().any(|c| matches!(c, Command::Shutdown)) {
+            match self.rx.try_recv() {
+                Ok(Command::Submit(b))
+                    if lane_for(self.long_from, self.lanes, &b.0) == self.lane =>
+                {
+                    let (generation, tx, tally) = *b;
+                    lane.enqueue(generation, tx, tally);
+                    queued = true;
+                }
+                Ok(cmd) => self.deferred.push_back(cmd),
+                Err(_) => break,
+            }
+        }
+        if queued {
+            lane.drop_cancelled();
+            lane.admit();
+        }
+    }
+}
+
 impl Lanes<'_> {
     fn run(&mut self, rx: &Receiver<Command>) {
+        // Commands taken during a step that were not for the lane stepping.
+        let mut deferred = VecDeque::new();
         loop {
+            for cmd in deferred.drain(..) {
+                if !self.handle(cmd) {
+                    return;
+                }
+            }
             // 1. Commands: wait when idle, otherwise just look.
             let idle = self
                 .lanes
@@ -422,9 +475,16 @@ impl Lanes<'_> {
                     .filter(|&j| j != i)
                     .map(|j| self.lanes[j].decoding())
                     .sum();
+                let mut inbox = Inbox {
+                    rx,
+                    lane: i,
+                    lanes: self.lanes.len(),
+                    long_from: self.long_from,
+                    deferred: &mut deferred,
+                };
                 let lane = &mut self.lanes[i];
                 lane.others_decoding = others;
-                stepped.push(lane.timed_step());
+                stepped.push(lane.timed_step(&mut inbox));
             }
             // Admission estimates use the flash attention's costs: most requests run there.
             if let (Some(c), true) = (self.lanes[0].cost.coefficients(), stepped[0]) {
@@ -447,10 +507,7 @@ impl Lanes<'_> {
         match cmd {
             Command::Submit(b) => {
                 let (generation, tx, tally) = *b;
-                let long = self
-                    .long_from
-                    .is_some_and(|from| generation.prompt.len() >= from);
-                let lane = usize::from(long).min(self.lanes.len() - 1);
+                let lane = lane_for(self.long_from, self.lanes.len(), &generation);
                 self.lanes[lane].enqueue(generation, tx, tally);
                 true
             }
@@ -624,13 +681,13 @@ impl<'m> Scheduler<'m> {
 
     /// Runs one step (if any sequence is in flight) and folds its time into the step costs;
     /// whether it ran.
-    fn timed_step(&mut self) -> bool {
+    fn timed_step(&mut self, inbox: &mut Inbox<'_>) -> bool {
         if self.seqs.is_empty() {
             return false;
         }
         let started = std::time::Instant::now();
         (self.step_passes, self.step_rows) = (0, 0);
-        if let Err(message) = self.step() {
+        if let Err(message) = self.step(inbox) {
             tracing::error!(%message, "engine step failed");
             self.fail_all(&message);
             return false;
@@ -1210,17 +1267,21 @@ impl<'m> Scheduler<'m> {
     /// sequences with different token counts into micro-batches of equal counts per sequence,
     /// so a prompt batched with decoding sequences would be cut into pieces of one token whose
     /// size depends on the load.
-    fn step(&mut self) -> Result<(), String> {
+    fn step(&mut self, inbox: &mut Inbox<'_>) -> Result<(), String> {
         let decoding = self.build_decode_batch()?;
         if decoding > 0 {
             self.decode("decode", decoding)?;
             self.sample_all();
         }
-        // Prompt chunks, oldest request first, with neighbours that can take as many tokens.
+        // Prompt chunks, oldest request first, with neighbours that can take as many tokens;
+        // requests that arrived meanwhile are admitted before each pass and join in.
         self.chunk = self.chunk_limit(decoding);
         let mut budget = self.chunk.min(self.batch_size.saturating_sub(decoding));
         let mut prefilled = false;
-        while let Some(group) = self.prompt_group(budget, prefilled) {
+        while let Some(group) = {
+            inbox.take(self);
+            self.prompt_group(budget, prefilled)
+        } {
             prefilled = true;
             budget = budget.saturating_sub(group.rows());
             self.prefill(&group)?;

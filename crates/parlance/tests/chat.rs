@@ -611,6 +611,65 @@ async fn a_long_prompt_does_not_stall_a_running_stream() {
     );
 }
 
+/// A request that arrives while a step computes another prompt joins that step's prompt passes:
+/// its first token comes before the other request's streams get their second (in the next
+/// step's decoding pass), where it used to wait for the step to end and that pass.
+#[tokio::test]
+async fn a_request_arriving_during_a_step_joins_its_prompt_passes() {
+    use futures::StreamExt;
+    use std::sync::{Arc, Mutex};
+    const TOKEN: &str = "\"delta\":{\"content\"";
+    let s = Server::start(&[]);
+    // (request, its tokens so far) in the order the client saw them, read as they come.
+    let seen: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    let stream = |i: usize, body: Value| {
+        let (seen, url) = (seen.clone(), s.url("/v1/chat/completions"));
+        tokio::spawn(async move {
+            let r = client().post(url).json(&body).send().await.expect("send");
+            assert_eq!(r.status(), 200);
+            let (mut n, mut body) = (0, r.bytes_stream());
+            while let Some(Ok(c)) = body.next().await {
+                for _ in 0..String::from_utf8_lossy(&c).matches(TOKEN).count() {
+                    n += 1;
+                    seen.lock().unwrap().push((i, n));
+                }
+            }
+        })
+    };
+    let streamed = |content: &str, n: u32| {
+        let mut b = greedy(content, 4);
+        b["stream"] = json!(true);
+        b["ignore_eos"] = json!(true);
+        b["n"] = json!(n);
+        b
+    };
+    // About 430 prompt tokens: one pass, the whole of its step, with room left in the step's
+    // 512 rows for a short prompt. Its 16 choices make the next decoding pass a long one.
+    let facts: String = (1..=24)
+        .map(|i| format!("Fact {i}: the number {i} squared is {}. ", i * i))
+        .collect();
+    let first = stream(0, streamed(&format!("{facts}\nSummarise these facts."), 16));
+    // Once it runs (admitted: its pass is under way), a short request arrives.
+    let running = format!("parlance_running_sequences{{model=\"{MODEL}\"}} 16");
+    loop {
+        let metrics = client().get(s.url("/metrics")).send().await.unwrap();
+        if metrics.text().await.unwrap().contains(&running) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let second = stream(1, streamed("Say hello.", 1));
+    first.await.unwrap();
+    second.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let at = |e: (usize, usize)| seen.iter().position(|&x| x == e).unwrap();
+    assert_eq!(seen.len(), 16 * 4 + 4, "{seen:?}");
+    assert!(
+        at((1, 1)) < at((0, 17)),
+        "the short request's first token came after the next decoding pass: {seen:?}"
+    );
+}
+
 #[tokio::test]
 async fn logprobs_plain_and_streamed() {
     let s = shared();
