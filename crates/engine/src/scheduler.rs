@@ -390,9 +390,9 @@ fn lane_for(long_from: Option<usize>, lanes: usize, generation: &Generation) -> 
 
 /// Commands taken between the passes of a step. A request for the lane stepping is queued and
 /// admitted at once, so that one arriving during a step of several prompt passes joins them
-/// instead of waiting for the step to end (its first token can come a whole step sooner);
-/// anything else (a request for the other lane, shutting down) waits for the step's end, in
-/// order.
+/// instead of waiting for the step to end (its first token can come a whole step sooner). A
+/// request for the other lane waits for that lane's turn (`hand_over`), shutting down for the
+/// end of the round, in order.
 struct Inbox<'r> {
     rx: &'r Receiver<Command>,
     lane: usize,
@@ -421,6 +421,33 @@ impl Inbox<'_> {
         if queued {
             lane.drop_cancelled();
             lane.admit();
+        }
+    }
+
+    /// Before this lane's step: queues and admits the requests for it that the other lane's
+    /// step took (those before a shutdown), so they need not wait for another round.
+    fn hand_over(&mut self, lane: &mut Scheduler<'_>) {
+        let (mut kept, mut queued, mut closed) = (VecDeque::new(), false, false);
+        while let Some(cmd) = self.deferred.pop_front() {
+            match cmd {
+                Command::Submit(b)
+                    if !closed && lane_for(self.long_from, self.lanes, &b.0) == self.lane =>
+                {
+                    let (generation, tx, tally) = *b;
+                    lane.enqueue(generation, tx, tally);
+                    queued = true;
+                }
+                cmd => {
+                    closed |= matches!(cmd, Command::Shutdown);
+                    kept.push_back(cmd);
+                }
+            }
+        }
+        *self.deferred = kept;
+        if queued {
+            lane.drop_cancelled();
+            lane.admit();
+            lane.compact();
         }
     }
 }
@@ -483,6 +510,7 @@ impl Lanes<'_> {
                     deferred: &mut deferred,
                 };
                 let lane = &mut self.lanes[i];
+                inbox.hand_over(lane);
                 lane.others_decoding = others;
                 stepped.push(lane.timed_step(&mut inbox));
             }
