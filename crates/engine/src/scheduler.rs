@@ -402,6 +402,8 @@ struct Inbox<'r> {
 }
 
 impl Inbox<'_> {
+    /// Before a prompt pass: queues and admits the requests for this lane that have arrived,
+    /// and sets the others aside.
     fn take(&mut self, lane: &mut Scheduler<'_>) {
         let mut queued = false;
         // After a shutdown nothing more is taken: the step ends and the thread stops.
