@@ -402,23 +402,35 @@ struct Inbox<'r> {
 }
 
 impl Inbox<'_> {
+    /// Queues `cmd` in `lane` when it is a request for this lane (true); otherwise sets it
+    /// aside for later.
+    fn queue_or_defer(&mut self, lane: &mut Scheduler<'_>, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(b) if lane_for(self.long_from, self.lanes, &b.0) == self.lane => {
+                let (generation, tx, tally) = *b;
+                lane.enqueue(generation, tx, tally);
+                true
+            }
+            cmd => {
+                self.deferred.push_back(cmd);
+                false
+            }
+        }
+    }
+
+    /// Whether a shutdown has been set aside: nothing after it is taken.
+    fn closed(&self) -> bool {
+        self.deferred.iter().any(|c| matches!(c, Command::Shutdown))
+    }
+
     /// Before a prompt pass: queues and admits the requests for this lane that have arrived,
     /// and sets the others aside.
     fn take(&mut self, lane: &mut Scheduler<'_>) {
         let mut queued = false;
         // After a shutdown nothing more is taken: the step ends and the thread stops.
-        while !self.deferred.iter().any(|c| matches!(c, Command::Shutdown)) {
-            match self.rx.try_recv() {
-                Ok(Command::Submit(b))
-                    if lane_for(self.long_from, self.lanes, &b.0) == self.lane =>
-                {
-                    let (generation, tx, tally) = *b;
-                    lane.enqueue(generation, tx, tally);
-                    queued = true;
-                }
-                Ok(cmd) => self.deferred.push_back(cmd),
-                Err(_) => break,
-            }
+        while !self.closed() {
+            let Ok(cmd) = self.rx.try_recv() else { break };
+            queued |= self.queue_or_defer(lane, cmd);
         }
         if queued {
             lane.drop_cancelled();
@@ -429,23 +441,14 @@ impl Inbox<'_> {
     /// Before this lane's step: queues and admits the requests for it that the other lane's
     /// step took (those before a shutdown), so they need not wait for another round.
     fn hand_over(&mut self, lane: &mut Scheduler<'_>) {
-        let (mut kept, mut queued, mut closed) = (VecDeque::new(), false, false);
-        while let Some(cmd) = self.deferred.pop_front() {
-            match cmd {
-                Command::Submit(b)
-                    if !closed && lane_for(self.long_from, self.lanes, &b.0) == self.lane =>
-                {
-                    let (generation, tx, tally) = *b;
-                    lane.enqueue(generation, tx, tally);
-                    queued = true;
-                }
-                cmd => {
-                    closed |= matches!(cmd, Command::Shutdown);
-                    kept.push_back(cmd);
-                }
+        let mut queued = false;
+        for cmd in std::mem::take(self.deferred) {
+            if self.closed() {
+                self.deferred.push_back(cmd);
+            } else {
+                queued |= self.queue_or_defer(lane, cmd);
             }
         }
-        *self.deferred = kept;
         if queued {
             lane.drop_cancelled();
             lane.admit();
