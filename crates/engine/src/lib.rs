@@ -8,6 +8,7 @@
 mod admission;
 mod convert;
 mod cpu;
+mod gemv;
 mod grammar;
 mod kvmem;
 mod model;
@@ -23,6 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use grammar::{Constraint, Grammar, GrammarError};
+
+/// Weight rows this process has multiplied with its own single-token Q8_0 kernel (see the
+/// `gemv` module); zero where the kernel is off.
+pub fn q8_0_gemv_rows() -> u64 {
+    gemv::rows_computed()
+}
 pub use sampling::{log_probs, SamplingParams};
 pub use template::{ChatTemplate, TemplateError};
 pub use text::{AlignedQueue, StopMatcher, StopOutcome, Utf8Decoder};

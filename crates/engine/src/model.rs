@@ -30,6 +30,7 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             let backend = LlamaBackend::init().map_err(|e| e.to_string());
             tracing::debug!(features = %crate::cpu::features(), "llama.cpp CPU build");
+            crate::gemv::install();
             if crate::cpu::amx() {
                 tracing::warn!(
                     "llama.cpp was built with its AMX kernels (see .cargo/config.toml): outputs \
