@@ -5,8 +5,9 @@
 //! product per pair), where Q8_0 weights go through its tiled integer kernel (`tinyBLAS`), which
 //! reuses each loaded block of weights across several tokens. For the default model
 //! (SmolLM2-135M Q4_1) on two cores that is 1.5-2× the tokens a second for batches of 8 to 512
-//! rows (`llama-bench`: 16-row prompts 205-224 against 100-147) and about the same for a single
-//! decoding stream, for 44 MiB more resident weights (92 → 136 MiB). The tiled kernel computes
+//! rows (`llama-bench`: 16-row prompts 205-224 against 100-147), for 44 MiB more resident
+//! weights (92 → 136 MiB). A single decoding stream's products go through the engine's own
+//! kernel (`gemv`), which makes Q8_0 the faster type there too. The tiled kernel computes
 //! every output element by the same sequence of operations whatever the tile and batch, so
 //! results stay batch-invariant.
 //!
@@ -17,8 +18,8 @@
 //! hash of the source (its size and its first and last MiB) and the llama.cpp version, through a
 //! temporary file renamed into place, so concurrent servers never read a partial file.
 //!
-//! This module and `kvmem` are the only ones with `unsafe`: the GGUF reader and the quantizer are
-//! C functions that `llama-cpp-2` does not wrap.
+//! The GGUF reader and the quantizer are C functions that `llama-cpp-2` does not wrap, called
+//! here through `llama-cpp-sys-2`.
 
 #![allow(
     unsafe_code,
