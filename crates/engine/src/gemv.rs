@@ -1,13 +1,15 @@
-//! The lone-token matrix-vector kernel for Q8_0 weights (`csrc/gemv_q8_0.c`): checked against
+//! The Q8_0 matrix product for one to eight tokens (`csrc/gemv_q8_0.c`): checked against
 //! llama.cpp's own kernel and switched on when the backend starts.
 //!
-//! One decoding stream multiplies one token by every weight, and llama.cpp does it for Q8_0
-//! weights with a dot product per row that streams the weights at about half the memory's
-//! speed. The C kernel computes each row by the same operations in the same order, with
-//! software prefetch, and takes llama.cpp's single-token Q8_0 products through the linker's
+//! A decoding step of up to eight streams multiplies a few tokens by every weight, and
+//! llama.cpp does it for Q8_0 weights with a dot product per row (one token) or its tiled
+//! kernel (two or more), both streaming the weights at about half the memory's speed or less.
+//! The C kernel computes every output by the same operations in the same order as llama.cpp's
+//! dot product, loads each block of weights once for all the tokens, prefetches, and takes
+//! llama.cpp's Q8_0 products of up to eight tokens through the linker's
 //! `--wrap=llamafile_sgemm` (see `build.rs`). [`install`] switches it on only where it was
-//! compiled, linked in, and found bit-identical to `ggml_vec_dot_q8_0_q8_0` on a probe matrix,
-//! so outputs never depend on whether it runs.
+//! compiled, linked in, and found bit-identical to `ggml_vec_dot_q8_0_q8_0` on probe matrices
+//! for every token count, so outputs never depend on whether it runs.
 
 #![allow(
     unsafe_code,
@@ -26,6 +28,7 @@ extern "C" {
         y: *const u8,
         count: i64,
         blocks: i64,
+        columns: i64,
         ours: *mut f32,
         llama: *mut f32,
     );
@@ -35,6 +38,8 @@ extern "C" {
 
 /// Bytes of a Q8_0 block: an FP16 scale and 32 signed bytes.
 const BLOCK: usize = 34;
+/// The most tokens the kernel takes in one product (`MAX_COLUMNS` in the C file).
+const MAX_COLUMNS: usize = 8;
 
 /// Whether the kernel runs, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +64,7 @@ pub(crate) fn install() -> Status {
             // SAFETY: stores a flag the C side reads atomically.
             unsafe { parlance_gemv_q8_0_enable(1) };
         }
-        tracing::debug!(?status, "Q8_0 single-token kernel");
+        tracing::debug!(?status, "Q8_0 few-token kernel");
         status
     })
 }
@@ -78,15 +83,14 @@ fn check() -> Status {
         Status::NotCompiled
     } else if !linked {
         Status::NotLinked
-    } else if probe(0x5eed, 64, 48) {
+    } else if (1..=MAX_COLUMNS).all(|columns| probe(0x5eed + columns as u64, 64, 48, columns)) {
         Status::On
     } else {
         Status::Differs
     }
 }
 
-/// Rows the kernel has computed in this process (each thread's share of a product counts its
-/// rows).
+/// Outputs (weight rows times tokens) the kernel has computed in this process.
 pub(crate) fn rows_computed() -> u64 {
     // SAFETY: reads an atomic counter.
     unsafe { parlance_gemv_q8_0_rows() }
@@ -109,30 +113,34 @@ fn random_blocks(rng: &mut impl Rng, count: usize) -> Vec<u8> {
 }
 
 /// Whether the kernel's outputs equal `ggml_vec_dot_q8_0_q8_0`'s bit for bit on `rows` random
-/// rows of `blocks` blocks.
-fn probe(seed: u64, rows: usize, blocks: usize) -> bool {
-    let (ours, llama) = compare(seed, rows, blocks);
+/// rows of `blocks` blocks against `columns` random tokens.
+fn probe(seed: u64, rows: usize, blocks: usize, columns: usize) -> bool {
+    let (ours, llama) = compare(seed, rows, blocks, columns);
     ours.iter()
         .zip(&llama)
         .all(|(a, b)| a.to_bits() == b.to_bits())
 }
 
-fn compare(seed: u64, rows: usize, blocks: usize) -> (Vec<f32>, Vec<f32>) {
+/// The kernel's outputs and llama.cpp's, column after column.
+fn compare(seed: u64, rows: usize, blocks: usize, columns: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!((1..=MAX_COLUMNS).contains(&columns));
     // SAFETY: idempotent; fills the FP16 table llama.cpp's kernel reads its scales through.
     unsafe { llama_cpp_sys_2::ggml_cpu_init() };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let a = random_blocks(&mut rng, rows * blocks);
-    let y = random_blocks(&mut rng, blocks);
-    let mut ours = vec![f32::NAN; rows];
-    let mut llama = vec![f32::NAN; rows];
-    // SAFETY: `a` holds `rows * blocks` blocks and `y` `blocks`; each output has `rows` floats;
-    // the C side reads and writes nothing else.
+    let y = random_blocks(&mut rng, blocks * columns);
+    let mut ours = vec![f32::NAN; rows * columns];
+    let mut llama = vec![f32::NAN; rows * columns];
+    // SAFETY: `a` holds `rows * blocks` blocks and `y` `blocks * columns`; each output has
+    // `rows * columns` floats; `columns` is within the kernel's bound; the C side reads and
+    // writes nothing else.
     unsafe {
         parlance_gemv_q8_0_both(
             a.as_ptr(),
             y.as_ptr(),
             rows as i64,
             blocks as i64,
+            columns as i64,
             ours.as_mut_ptr(),
             llama.as_mut_ptr(),
         );
@@ -157,10 +165,17 @@ mod tests {
         // engine's build script links its tests with the wrap: anything else is a broken build.
         assert_eq!(check(), Status::On);
         for (seed, rows, blocks) in [(1, 576, 18), (2, 192, 48), (3, 7, 1), (4, 33, 5)] {
-            let (ours, llama) = compare(seed, rows, blocks);
-            for (row, (a, b)) in ours.iter().zip(&llama).enumerate() {
-                assert!(a.is_finite(), "row {row}: {a}");
-                assert_eq!(a.to_bits(), b.to_bits(), "row {row}: {a} against {b}");
+            for columns in 1..=MAX_COLUMNS {
+                let (ours, llama) = compare(seed, rows, blocks, columns);
+                for (i, (a, b)) in ours.iter().zip(&llama).enumerate() {
+                    let (column, row) = (i / rows, i % rows);
+                    assert!(a.is_finite(), "row {row} column {column}: {a}");
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "row {row} column {column} of {columns}: {a} against {b}"
+                    );
+                }
             }
         }
     }
@@ -169,8 +184,10 @@ mod tests {
     fn the_probe_compares_real_values() {
         // A comparison of two unset buffers would pass vacuously: the outputs differ between
         // rows and are not all zero.
-        let (ours, _) = compare(9, 16, 18);
+        let (ours, _) = compare(9, 16, 18, 2);
         assert!(ours.iter().any(|v| *v != 0.0));
         assert!(ours.windows(2).any(|w| w[0] != w[1]));
+        // The two tokens give different outputs for the same row.
+        assert!((0..16).any(|r| ours[r] != ours[16 + r]));
     }
 }

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 pub use grammar::{Constraint, Grammar, GrammarError};
 
-/// Weight rows this process has multiplied with its own single-token Q8_0 kernel (see the
-/// `gemv` module); zero where the kernel is off.
+/// Outputs (weight rows times tokens) this process has computed with its own Q8_0 kernel for
+/// one to eight tokens (see the `gemv` module); zero where the kernel is off.
 pub fn q8_0_gemv_rows() -> u64 {
     gemv::rows_computed()
 }

@@ -105,11 +105,11 @@ fn q4_1_weights_are_converted_once_and_reused() {
     let kernel_rows = parlance_engine::q8_0_gemv_rows();
     let converted_answer = answer(&auto);
     assert!(!converted_answer.trim().is_empty());
-    // A lone stream over Q8_0 weights runs the engine's own single-token kernel (linked in by
+    // A lone stream over Q8_0 weights runs the engine's own few-token kernel (linked in by
     // the build script's `--wrap`), whose results the e2e tests compare with batched ones.
     assert!(
         parlance_engine::q8_0_gemv_rows() > kernel_rows,
-        "the single-token kernel did not run"
+        "the few-token kernel did not run"
     );
     let written = std::fs::metadata(&info.weights_path)
         .and_then(|m| m.modified())
