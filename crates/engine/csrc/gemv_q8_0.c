@@ -43,7 +43,9 @@ enum { TYPE_F32 = 0, TYPE_Q8_0 = 8 };
  * second (docs/benchmarks.md). */
 #define PARLANCE_PREFETCH_BYTES 12288
 
-/* The leading fields of ggml's `struct ggml_compute_params` (ggml-cpu-impl.h). */
+/* The leading fields of ggml's `struct ggml_compute_params` (ggml-cpu-impl.h). This and the
+ * signature of `llamafile_sgemm` are llama.cpp internals: llama-cpp-sys-2 is pinned exactly
+ * (crates/engine/Cargo.toml), and an upgrade must check both again. */
 struct compute_params_head {
     int ith;
     int nth;
