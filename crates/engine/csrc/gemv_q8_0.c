@@ -163,7 +163,11 @@ bool __wrap_llamafile_sgemm(const void *params, int64_t m, int64_t n, int64_t k,
         const int64_t end = first + share < m ? first + share : m;
         if (first < end) {
             rows(A, lda, k, B, ldb, C, ldc, first, end, n);
-            __atomic_fetch_add(&rows_computed, (uint64_t)((end - first) * n), __ATOMIC_RELAXED);
+        }
+        /* One thread counts the whole product, so the counter's cache line never bounces
+         * between cores on this path. */
+        if (p->ith == 0) {
+            __atomic_fetch_add(&rows_computed, (uint64_t)(m * n), __ATOMIC_RELAXED);
         }
         return true;
     }

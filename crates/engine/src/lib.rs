@@ -24,15 +24,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use grammar::{Constraint, Grammar, GrammarError};
+pub use sampling::{log_probs, SamplingParams};
+pub use template::{ChatTemplate, TemplateError};
+pub use text::{AlignedQueue, StopMatcher, StopOutcome, Utf8Decoder};
 
 /// Outputs (weight rows times tokens) this process has computed with its own Q8_0 kernel for
 /// one to eight tokens (see the `gemv` module); zero where the kernel is off.
 pub fn q8_0_gemv_rows() -> u64 {
     gemv::rows_computed()
 }
-pub use sampling::{log_probs, SamplingParams};
-pub use template::{ChatTemplate, TemplateError};
-pub use text::{AlignedQueue, StopMatcher, StopOutcome, Utf8Decoder};
 
 use model::LoadedModel;
 
